@@ -1,0 +1,40 @@
+"""deepshrink: prune and quantize PyTorch models for phones and edge CPUs, and prove it in the runtime.
+
+``import deepshrink`` is cheap: submodules (and the runtimes behind them) load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "prune": ("deepshrink.pruning", "prune"),
+    "finalize": ("deepshrink.pruning", "finalize"),
+    "MagnitudePruning": ("deepshrink.pruning", "MagnitudePruning"),
+    "quantize": ("deepshrink.quantization", "quantize"),
+    "Int8Static": ("deepshrink.quantization", "Int8Static"),
+    "Int8Dynamic": ("deepshrink.quantization", "Int8Dynamic"),
+    "fit": ("deepshrink.training", "fit"),
+    "TrainConfig": ("deepshrink.training", "TrainConfig"),
+    "Distillation": ("deepshrink.training", "Distillation"),
+    "export": ("deepshrink.deploy", "export"),
+    "evaluate": ("deepshrink.evaluation", "evaluate"),
+    "run_recipe": ("deepshrink.pipeline", "run_recipe"),
+    "load_recipe": ("deepshrink.pipeline", "load_recipe"),
+}
+_SUBMODULES = {"data", "models", "core", "ops", "formats", "pruning", "quantization", "training", "evaluation", "deploy", "pipeline", "report"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"deepshrink.{name}")
+    raise AttributeError(f"module 'deepshrink' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*_LAZY, *_SUBMODULES, "__version__"])

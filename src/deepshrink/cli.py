@@ -1,0 +1,131 @@
+"""``deepshrink`` command line: run, demo, evaluate, validate.
+
+Any input error prints one line ``deepshrink: error: ...`` on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+from deepshrink.core.errors import DeepshrinkError
+
+EXIT_USAGE = 2
+
+
+def _quiet_libraries() -> None:
+    # the runtimes log deprecations and missing optional kernels on import; they are not ours to fix
+    warnings.filterwarnings("ignore")
+    for name in ("torchao", "torch", "executorch", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCHINDUCTOR_DISABLE", "1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepshrink", description="Prune, quantize, export and measure models for mobile CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a YAML recipe")
+    run.add_argument("recipe")
+    run.add_argument("--out", default=None, help="output directory (default out/<recipe name>)")
+    run.add_argument("--resume", action="store_true", help="continue a run of the same recipe from its last finished stage")
+    run.add_argument("--data-dir", default=None, help="directory of the dataset's IDX files (overrides the recipe)")
+
+    demo = sub.add_parser("demo", help="run the packaged demo recipe (LeNet-5 on embedded digits)")
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--resume", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="measure a .pte, .onnx or checkpoint in its own runtime")
+    ev.add_argument("model")
+    ev.add_argument("--data", required=True, help="digits, mnist or fashion-mnist")
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--image-size", type=int, default=28)
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--runs", type=int, default=200, help="timed batch-1 calls (after warm-up)")
+    ev.add_argument("--warmup", type=int, default=20)
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    val = sub.add_parser("validate", help="check a recipe without running it")
+    val.add_argument("recipe")
+    return parser
+
+
+def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None) -> int:
+    import dataclasses
+
+    from deepshrink.pipeline import load_recipe, run_recipe
+
+    recipe = load_recipe(recipe_path)
+    if data_dir is not None:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, data_dir=data_dir))
+    started = time.perf_counter()
+    result = run_recipe(recipe, out or os.path.join("out", recipe.name), resume=resume)
+    print(f"finished {recipe.name} in {time.perf_counter() - started:.1f} s wall")
+    for label, v in result.state.variants.items():
+        size = f"{v['file_bytes'] / 1024:8.1f} KiB" if v.get("file_bytes") else " " * 12
+        lat = f"{v['latency_ms_median']:.3f} ms" if v.get("latency_ms_median") is not None else ""
+        print(f"  {label:38s} {v['runtime']:12s} acc {100 * v['accuracy']:6.2f} %  {size}  {lat}")
+    if result.metrics_path:
+        print(f"metrics: {result.metrics_path}")
+    if result.report_path:
+        print(f"report:  {result.report_path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from deepshrink.data import load as load_data
+    from deepshrink.evaluation import evaluate
+
+    data = load_data(args.data, data_dir=args.data_dir, image_size=args.image_size)
+    metrics = evaluate(args.model, data.test, threads=args.threads, latency_runs=args.runs, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(metrics.as_dict(), indent=2))
+        return 0
+    d = metrics.as_dict()
+    print(f"{d['artifact']} ({d['runtime']}, {d['threads']} thread(s))")
+    print(f"  test accuracy   {100 * d['accuracy']:.2f} %  (error {100 * (1 - d['accuracy']):.2f} %, {d['test_samples']} samples of {args.data})")
+    if d["params"] is not None:
+        print(f"  parameters      {d['params']:,}  non-zero {d['nonzero_params']:,}  ({d['counts_source']})")
+    if d["macs"] is not None:
+        print(f"  MACs            {d['macs']:,}")
+    if d["file_bytes"] is not None:
+        print(f"  file size       {d['file_bytes']:,} B  (gzip {d['gzip_bytes']:,} B)")
+    if d["latency_ms_median"] is not None:
+        print(f"  latency batch 1 median {d['latency_ms_median']:.3f} ms, p90 {d['latency_ms_p90']:.3f} ms over {d['latency_runs']} runs")
+        print("  (this CPU has AVX-512 VNNI/AMX: int8 speed-ups here overstate ARM phones)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "run":
+            return _run(args.recipe, args.out, args.resume, args.data_dir)
+        if args.command == "demo":
+            from deepshrink.pipeline.recipe import packaged_recipe
+
+            return _run(str(packaged_recipe("demo")), args.out, args.resume, None)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "validate":
+            from deepshrink.pipeline import load_recipe
+
+            recipe = load_recipe(args.recipe)
+            print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.kind for s in recipe.stages)})")
+            return 0
+    except DeepshrinkError as err:
+        print(f"deepshrink: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deepshrink: interrupted; rerun with --resume to continue from the last finished stage", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Bottom layer: errors, configs, registry, target profiles, atomic IO. Imports torch only."""

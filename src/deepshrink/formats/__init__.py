@@ -1,0 +1,1 @@
+"""Compressed tensors and the on-disk ``.dsk`` container. Imports ops and core."""

@@ -1,0 +1,207 @@
+"""The ``.dsk`` container: named compressed tensors plus free-form JSON metadata in one file.
+
+Layout, integers little-endian:
+
+    offset   size  field
+    0        8     magic b"\\x89DSK\\r\\n\\x1a\\n" (PNG-style: catches text-mode and 7-bit mangling)
+    8        2     format version (1)
+    10       2     flags (0; anything else is refused)
+    12       4     header length H
+    16       8     payload length P
+    24       H     header, UTF-8 JSON: {"records": [...], "metadata": {...}}
+    24+H     P     payload: every record's streams back to back, in header order
+    24+H+P   4     CRC32 of all preceding bytes
+
+Each header record (``formats.records``) lists its streams as [role, byte length] pairs; their
+offsets follow from the order and their lengths must add up to P. Decoding runs no code from the
+file (JSON and raw numpy buffers only), checks the length fields against the file size and the
+checksum before parsing, and refuses more than ``max_elements`` decoded elements in total.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from deepshrink.core.errors import ArtifactError, ConfigError
+from deepshrink.core.io import atomic_write_bytes
+from deepshrink.formats import records as rec
+from deepshrink.formats import sparse
+from deepshrink.ops import entropy
+
+MAGIC = b"\x89DSK\r\n\x1a\n"
+VERSION = 1
+DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of float32: far above any mobile model
+_PREAMBLE = struct.Struct("<8sHHIQ")
+_CRC = struct.Struct("<I")
+_JSON = dict(separators=(",", ":"), allow_nan=False)
+
+Records = Iterable[rec.TensorRecord] | Mapping[str, torch.Tensor]
+
+
+def encode_records(records: Records, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """The ``.dsk`` bytes for ``records`` (a state dict is turned into records with ``record_for``)."""
+    if isinstance(records, Mapping):
+        records = [rec.record_for(name, t) for name, t in records.items()]
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, Mapping):
+        raise ConfigError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
+    headers, chunks, seen = [], [], set()
+    for r in records:
+        if not isinstance(r, rec.TensorRecord):
+            raise ConfigError(f"records: need TensorRecords (see record_for) or a state dict, got {type(r).__name__}")
+        if r.name in seen:
+            raise ConfigError(f"records: the name {r.name!r} appears twice; names must be unique")
+        seen.add(r.name)
+        fields, streams = rec.encode_record(r)
+        fields["streams"] = [[role, len(b)] for role, b in streams]
+        headers.append(fields)
+        chunks.extend(b for _, b in streams)
+    try:
+        header = json.dumps({"records": headers, "metadata": dict(metadata)}, **_JSON).encode("ascii")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"metadata is not plain JSON (dicts, lists, str, finite numbers): {err}") from None
+    payload = b"".join(chunks)
+    body = _PREAMBLE.pack(MAGIC, VERSION, 0, len(header), len(payload)) + header + payload
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def decode_bytes(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors by name in file order, metadata) from ``.dsk`` bytes; ``ArtifactError`` if invalid."""
+    records, _, _, metadata = _decode_records(data, max_elements)
+    return {r.name: r.to_tensor() for r in records}, metadata
+
+
+def write_container(path: str | os.PathLike, records: Records,
+                    metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a ``.dsk`` file atomically (a crash never leaves half a file); returns its path."""
+    return atomic_write_bytes(path, encode_records(records, metadata))
+
+
+def read_container(path: str | os.PathLike, *,
+                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) from a ``.dsk`` file; ``ArtifactError`` if unreadable or invalid."""
+    return decode_bytes(_read(path), max_elements=max_elements)
+
+
+def size_breakdown(path_or_bytes: str | os.PathLike | bytes, *,
+                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[dict[str, Any]]:
+    """Where the bytes go: one dict per record, then one ``kind="file"`` row for the rest.
+
+    Bits per record: ``values_bits``, ``positions_bits``, ``codebook_bits``, ``indices_bits``,
+    ``header_bits`` (its JSON entry) and ``total_bits``; ``coded_bits`` is the part that is
+    entropy-coded (relative-index positions, codebook indices) and ``entropy_bound_bits`` the
+    Shannon bound of those symbols. The ``total_bits`` of all rows add up to 8 x file size.
+    """
+    data = bytes(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else _read(path_or_bytes)
+    records, stream_sets, header_list, _ = _decode_records(data, max_elements)
+    rows = []
+    for r, fields, streams in zip(records, header_list, stream_sets):
+        bits = {f"{role}_bits": 8 * len(streams.get(role, b"")) for role in ("values", "positions", "codebook", "indices")}
+        coded_bits, bound = 0, 0.0
+        info = fields.get("positions", {})
+        if info.get("coding") == sparse.PositionCoding.RELATIVE.value:
+            coded_bits += bits["positions_bits"]
+            bound += entropy.entropy_bits(entropy.decode(streams["positions"], info["count"]))
+        if r.indices is not None:
+            coded_bits += bits["indices_bits"]
+            bound += entropy.entropy_bits(r.indices.numpy())
+        header_bits = 8 * (len(json.dumps(fields, **_JSON)) + 1)  # + its separating comma
+        rows.append({"name": r.name, "kind": r.kind.value, "dtype": r.dtype, "shape": list(r.shape),
+                     "numel": r.numel, "nnz": r.nnz, "position_coding": info.get("coding"),
+                     "index_bits": info.get("index_bits"), "codebook_size": fields.get("codebook_size"),
+                     **bits, "header_bits": header_bits, "total_bits": sum(bits.values()) + header_bits,
+                     "coded_bits": coded_bits, "entropy_bound_bits": bound})
+    rest = 8 * len(data) - sum(row["total_bits"] for row in rows)
+    rows.append({"name": "", "kind": "file", "dtype": None, "shape": [], "numel": 0, "nnz": 0,
+                 "position_coding": None, "index_bits": None, "codebook_size": None,
+                 "values_bits": 0, "positions_bits": 0, "codebook_bits": 0, "indices_bits": 0,
+                 "header_bits": rest, "total_bits": rest, "coded_bits": 0, "entropy_bound_bits": 0.0})
+    return rows
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"cannot read .dsk file {str(path)!r}: {err.strerror or err}") from None
+
+
+def _parse(data: bytes) -> tuple[list, dict, bytes]:
+    """(record headers, metadata, payload) after checking magic, version, lengths and checksum."""
+    data = bytes(data)
+    if data[:len(MAGIC)] != MAGIC[:len(data)] or not data:
+        raise ArtifactError(f"not a .dsk file: it starts with {data[:8]!r}, expected magic {MAGIC!r}")
+    if len(data) < _PREAMBLE.size:
+        raise ArtifactError(f"truncated at byte {len(data)}: the .dsk preamble is {_PREAMBLE.size} bytes")
+    _, version, flags, header_len, payload_len = _PREAMBLE.unpack_from(data)
+    if version != VERSION or flags != 0:
+        raise ArtifactError(f"unsupported .dsk format version {version} (flags {flags:#x}); this deepshrink "
+                            f"reads version {VERSION} with flags 0: upgrade deepshrink or re-export the model")
+    expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
+    if len(data) < expected:
+        raise ArtifactError(f"truncated at byte {len(data)}: the header says the file is {expected} bytes "
+                            f"({header_len}-byte header, {payload_len}-byte payload)")
+    if len(data) > expected:
+        raise ArtifactError(f"{len(data) - expected} unexpected bytes after the checksum: the header says "
+                            f"the file is {expected} bytes")
+    stored = _CRC.unpack_from(data, expected - _CRC.size)[0]
+    computed = zlib.crc32(memoryview(data)[:expected - _CRC.size])
+    if stored != computed:
+        raise ArtifactError(f"checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): "
+                            f"the file is corrupted")
+    header_end = _PREAMBLE.size + header_len
+    try:
+        header = json.loads(data[_PREAMBLE.size:header_end].decode("utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ArtifactError(f"header is not valid JSON: {str(err):.200}") from None
+    if (not isinstance(header, dict) or not isinstance(header.get("records"), list)
+            or not isinstance(header.get("metadata"), dict)):
+        raise ArtifactError("header must be a JSON object with a 'records' list and a 'metadata' object")
+    return header["records"], header["metadata"], data[header_end:header_end + payload_len]
+
+
+def _decode_records(data: bytes, max_elements: int) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]],
+                                                             list, dict]:
+    """(records, their streams by role, their header entries, metadata)."""
+    headers, metadata, payload = _parse(data)
+    records, stream_sets, names = [], [], set()
+    offset, budget = 0, max_elements
+    for i, fields in enumerate(headers):
+        where = f"record {i}" + (f" ({fields['name']!r:.80})" if isinstance(fields, dict)
+                                 and isinstance(fields.get("name"), str) else "")
+        streams = _streams(fields, payload, offset, where)
+        offset += sum(len(b) for b in streams.values())
+        r = rec.decode_record(fields, streams, where=where, max_elements=budget)
+        if r.name in names:
+            raise ArtifactError(f"{where}: the name appears twice")
+        names.add(r.name)
+        budget -= r.numel
+        records.append(r)
+        stream_sets.append(streams)
+    if offset != len(payload):
+        raise ArtifactError(f"the records' streams cover {offset} bytes, the payload has {len(payload)}")
+    return records, stream_sets, headers, metadata
+
+
+def _streams(fields: Any, payload: bytes, offset: int, where: str) -> dict[str, bytes]:
+    listed = fields.get("streams") if isinstance(fields, dict) else None
+    if (not isinstance(listed, list) or not all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[0], str)
+            and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] >= 0 for s in listed)):
+        raise ArtifactError(f"{where}: 'streams' must be a list of [role, byte length] pairs")
+    out = {}
+    for role, length in listed:
+        if role in out:
+            raise ArtifactError(f"{where}: stream {role!r} is listed twice")
+        if offset + length > len(payload):
+            raise ArtifactError(f"{where}: header says stream {role!r} is {length} bytes at payload offset "
+                                f"{offset}, but the payload has {len(payload)} bytes")
+        out[role] = payload[offset:offset + length]
+        offset += length
+    return out

@@ -1,0 +1,106 @@
+"""Turn a model spec into a module, and a module into a checkpoint that can be loaded safely.
+
+A spec is one of: a zoo name (``lenet-5``); ``path/to/file.py:ClassName`` (the user's own code,
+imported from their file); a deepshrink checkpoint ``.safetensors`` (weights + how to rebuild the
+skeleton); or a ``.pt2`` ``torch.export`` program (runs without the original class definition —
+how quantized and structurally shrunk models are saved).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepshrink.core.errors import ArtifactError, ModelLoadError
+from deepshrink.core.io import atomic_path
+from deepshrink.formats.checkpoint import read_checkpoint, write_checkpoint
+from deepshrink.models.zoo import ZOO, create, get_arch, set_arch
+
+
+def load(spec: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    text = str(spec)
+    if text.endswith((".safetensors", ".pt2")) or (Path(text).suffix in {".pt", ".pth", ".ckpt"}):
+        return load_checkpoint(text)
+    if ":" in text and text.split(":", 1)[0].endswith(".py"):
+        return load_user_class(text, **kwargs)
+    if text in ZOO:
+        return create(text, **kwargs)
+    raise ModelLoadError(
+        f"model: {text!r} is not a zoo model ({', '.join(ZOO)}), a path/to/file.py:ClassName, or a .safetensors/.pt2 checkpoint"
+    )
+
+
+def load_user_class(spec: str, **kwargs: Any) -> nn.Module:
+    file_part, _, class_name = spec.rpartition(":")
+    path = Path(file_part)
+    if not path.is_file():
+        raise ModelLoadError(f"model: file {path} does not exist (from {spec!r})")
+    module_name = f"deepshrink_user_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the user's file may raise anything while importing
+        raise ModelLoadError(f"model: importing {path} failed: {type(err).__name__}: {err}") from None
+    klass = getattr(module, class_name, None)
+    if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
+        raise ModelLoadError(f"model: {path} has no nn.Module subclass named {class_name!r}")
+    try:
+        model = klass(**kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"model: {class_name}(**{kwargs}) failed: {type(err).__name__}: {err}") from None
+    set_arch(model, {"file": str(path.resolve()), "class": class_name, "kwargs": dict(kwargs)})
+    return model
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input: torch.Tensor | None = None) -> Path:
+    """Save weights + architecture (``.safetensors``), or an exported program (``.pt2``)."""
+    path = Path(path)
+    if path.suffix == ".pt2":
+        if example_input is None:
+            raise ModelLoadError(f"{path}: saving a .pt2 program needs an example input")
+        program = model if isinstance(model, torch.export.ExportedProgram) else torch.export.export(model, (example_input,))
+        with atomic_path(path) as tmp:
+            torch.export.save(program, str(tmp))
+        return path
+    arch = get_arch(model)
+    if arch is None:
+        raise ModelLoadError(
+            f"{path}: this module has no recorded architecture (a graph module or a model built outside deepshrink); save it as .pt2"
+        )
+    return write_checkpoint(path, model.state_dict(), {"arch": arch})
+
+
+def load_checkpoint(path: str | os.PathLike) -> nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model: checkpoint {path} does not exist")
+    if path.suffix == ".pt2":
+        try:
+            return torch.export.load(str(path)).module()
+        except Exception as err:  # torch raises many types for a bad archive
+            raise ModelLoadError(f"model: {path} is not a loadable torch.export program: {type(err).__name__}: {err}") from None
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"model: {path.suffix} checkpoints are not loaded (pickle runs code); use .safetensors or .pt2")
+    try:
+        tensors, meta = read_checkpoint(path)
+    except ArtifactError as err:
+        raise ModelLoadError(f"model: {err}") from None
+    arch = meta.get("arch") or {}
+    if "zoo" in arch:
+        model = create(arch["zoo"], **arch.get("kwargs", {}))
+    elif "file" in arch:
+        model = load_user_class(f"{arch['file']}:{arch['class']}", **arch.get("kwargs", {}))
+    else:
+        raise ModelLoadError(f"model: {path} does not say how to rebuild its architecture")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ModelLoadError(f"model: weights in {path} do not fit {arch}: {str(err).splitlines()[0]}") from None
+    return model

@@ -1,0 +1,1 @@
+"""Pure tensor math: masks, quantization primitives, codecs. Imports torch and core only."""

@@ -1,0 +1,212 @@
+"""Recipe schema: a YAML file of stages, validated completely before anything runs.
+
+    name: demo
+    model: lenet-5                 # zoo name, path/to/file.py:ClassName, or a checkpoint
+    data: {name: digits}
+    target: xnnpack
+    stages:
+      - train: {epochs: 8}
+      - prune: {method: magnitude, sparsity: 0.8}
+      - finetune: {epochs: 3, lr: 0.0005}
+      - quantize: {scheme: int8-static}
+      - export: {formats: [pte, onnx]}
+      - evaluate: {}
+      - report: {}
+
+Every stage's keys are the fields of its config dataclass; ``prune`` picks the class by
+``method`` and ``quantize`` by ``scheme``. Any error names the key's path, e.g.
+``stages[1].prune.sparsity: 1.5 is outside [0, 1)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from deepshrink.core.config import check, from_dict, to_dict
+from deepshrink.core.errors import ConfigError
+from deepshrink.core.targets import TARGETS
+from deepshrink.pruning import MagnitudePruning
+from deepshrink.quantization import Int8Dynamic, Int8Static
+from deepshrink.training import TrainConfig
+
+PRUNE_METHODS: dict[str, type] = {"magnitude": MagnitudePruning}
+QUANT_SCHEMES: dict[str, type] = {"int8-static": Int8Static, "int8-dynamic": Int8Dynamic}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int = 28
+    calib_size: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoadStage:
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class ExportStage:
+    """Which files to write. ``baseline``: also export the dense fp32 model for comparison."""
+
+    formats: tuple[Literal["pte", "onnx"], ...] = ("pte", "onnx")
+    baseline: bool = True
+    parity_samples: int = 64
+
+    def __post_init__(self) -> None:
+        check(len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx'")
+
+
+@dataclass(frozen=True)
+class EvaluateStage:
+    """Measure every variant. Latency: batch 1, ``threads`` fixed, runs interleaved across variants."""
+
+    threads: int = 1
+    latency_runs: int = 200
+    warmup: int = 20
+
+    def __post_init__(self) -> None:
+        check(self.threads >= 1, "threads", f"{self.threads} must be >= 1")
+        check(self.latency_runs >= 0, "latency_runs", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ReportStage:
+    title: str | None = None
+
+
+STAGES: dict[str, type | None] = {
+    "train": TrainConfig,
+    "load": LoadStage,
+    "prune": None,      # chosen by ``method``
+    "finetune": TrainConfig,
+    "quantize": None,   # chosen by ``scheme``
+    "export": ExportStage,
+    "evaluate": EvaluateStage,
+    "report": ReportStage,
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    config: Any
+
+    def as_dict(self) -> dict:
+        body = to_dict(self.config)
+        if self.kind == "prune":
+            body = {"method": _name_of(PRUNE_METHODS, self.config), **body}
+        elif self.kind == "quantize":
+            body = {"scheme": _name_of(QUANT_SCHEMES, self.config), **body}
+        return {self.kind: body}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "recipe"
+    model: str = "lenet-5"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: DataSpec = field(default_factory=DataSpec)
+    target: str = "xnnpack"
+    seed: int = 0
+    stages: tuple[Stage, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "model": self.model, "model_args": dict(self.model_args), "data": to_dict(self.data),
+            "target": self.target, "seed": self.seed, "stages": [s.as_dict() for s in self.stages],
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of the validated recipe: a resumed run must continue the same recipe."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _name_of(table: dict[str, type], config: object) -> str:
+    return next(name for name, klass in table.items() if type(config) is klass)
+
+
+def _pick(table: dict[str, type], key: str, body: dict, path: str) -> tuple[type, dict]:
+    body = dict(body)
+    choice = body.pop(key, None)
+    if choice not in table:
+        raise ConfigError(f"{path}.{key}: {choice!r} is not allowed; choose one of {', '.join(map(repr, table))}")
+    return table[choice], body
+
+
+def parse_stage(item: Any, path: str) -> Stage:
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ConfigError(f"{path}: a stage is a mapping with one key, one of {', '.join(STAGES)}; got {item!r}")
+    kind, body = next(iter(item.items()))
+    if kind not in STAGES:
+        raise ConfigError(f"{path}.{kind}: unknown stage; allowed stages: {', '.join(STAGES)}")
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}.{kind}: expected a mapping of options, got {body!r}")
+    stage_path = f"{path}.{kind}"
+    if kind == "prune":
+        klass, body = _pick(PRUNE_METHODS, "method", body, stage_path)
+    elif kind == "quantize":
+        klass, body = _pick(QUANT_SCHEMES, "scheme", body, stage_path)
+    else:
+        klass = STAGES[kind]
+    return Stage(kind, from_dict(klass, body, stage_path))
+
+
+def parse_recipe(raw: Any) -> Recipe:
+    """Validate plain data (as loaded from YAML) into a ``Recipe``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe: expected a mapping with keys name, model, data, target, stages; got {type(raw).__name__}")
+    raw = dict(raw)
+    stages_raw = raw.pop("stages", None)
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError("stages: required, a non-empty list of stages such as '- train: {epochs: 5}'")
+    recipe = from_dict(Recipe, raw, "recipe")
+    if recipe.target not in TARGETS:
+        raise ConfigError(f"target: {recipe.target!r} is not allowed; choose one of {', '.join(map(repr, TARGETS))}")
+    stages = tuple(parse_stage(item, f"stages[{i}]") for i, item in enumerate(stages_raw))
+    _check_order(stages)
+    return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed")}, "stages": stages})
+
+
+def _check_order(stages: tuple[Stage, ...]) -> None:
+    kinds = [s.kind for s in stages]
+    for i, kind in enumerate(kinds):
+        before = kinds[:i]
+        if kind in ("prune", "finetune") and "quantize" in before:
+            raise ConfigError(f"stages[{i}].{kind}: must come before quantize (a quantized graph is not trained or pruned here)")
+        if kind == "quantize" and before.count("quantize"):
+            raise ConfigError(f"stages[{i}].quantize: the model is already quantized by stages[{before.index('quantize')}]")
+        if kind == "report" and "evaluate" not in before:
+            raise ConfigError(f"stages[{i}].report: needs an evaluate stage before it")
+        if kind == "load" and i != 0:
+            raise ConfigError(f"stages[{i}].load: load must be the first stage")
+
+
+def load_recipe(source: str | os.PathLike | dict) -> Recipe:
+    """Read and validate a recipe from a YAML file (or plain data)."""
+    if isinstance(source, dict):
+        return parse_recipe(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"recipe: file {path} does not exist")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"recipe: {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_recipe(raw)
+
+
+def packaged_recipe(name: str) -> Path:
+    return Path(__file__).with_name("recipes") / f"{name}.yaml"

@@ -1,0 +1,138 @@
+"""One handler per recipe stage: ``(state, config, ctx) -> summary``. Each calls the public verbs."""
+from __future__ import annotations
+
+from typing import Callable
+
+from deepshrink.core.masks import get_masks
+from deepshrink.deploy import export
+from deepshrink.evaluation.compare import evaluate_many
+from deepshrink.evaluation.counting import count_macs
+from deepshrink.models import load as load_model
+from deepshrink.models.loading import load_checkpoint
+from deepshrink.pipeline.metrics_doc import build_metrics, write_metrics
+from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, Recipe, ReportStage
+from deepshrink.pipeline.state import RunState
+from deepshrink.pruning import finalize, prune
+from deepshrink.quantization import quantize
+from deepshrink.training import TrainConfig, accuracy, fit
+
+FP32, COMPRESSED = "fp32", "compressed"
+
+
+def initial_model(recipe: Recipe):
+    return load_model(recipe.model, **recipe.model_args)
+
+
+def _test_accuracy(model, ctx) -> float:
+    return accuracy(model, ctx.data.loader("test", batch_size=512))
+
+
+def _baseline(state: RunState, ctx) -> None:
+    """Keep the dense fp32 model as the reference every compressed variant is compared with."""
+    if state.baseline is None:
+        state.snapshot_baseline()
+        state.baseline_macs = count_macs(state.baseline, ctx.example_batch(1))
+
+
+def _train(state: RunState, config: TrainConfig, ctx) -> dict:
+    history = fit(state.model, ctx.data, config, progress=ctx.progress, resume_path=ctx.out_dir / "state" / "train-epoch.pt")
+    (ctx.out_dir / "state" / "train-epoch.pt").unlink(missing_ok=True)
+    state.baseline = None
+    _baseline(state, ctx)
+    acc = _test_accuracy(state.model, ctx)
+    return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
+            "line": f"test accuracy {acc:.2%} (eager fp32)"}
+
+
+def _load(state: RunState, config: LoadStage, ctx) -> dict:
+    state.model = load_checkpoint(config.checkpoint)
+    state.baseline = None
+    _baseline(state, ctx)
+    acc = _test_accuracy(state.model, ctx)
+    return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"test accuracy {acc:.2%}"}
+
+
+def _prune(state: RunState, config, ctx) -> dict:
+    _baseline(state, ctx)
+    report = prune(state.model, config, data=ctx.data)
+    acc = _test_accuracy(state.model, ctx)
+    return {**report.as_dict(), "test_accuracy_before_finetune": acc,
+            "line": f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%} before fine-tuning"}
+
+
+def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
+    _baseline(state, ctx)
+    teacher = state.baseline if config.distill is not None else None
+    history = fit(state.model, ctx.data, config, teacher=teacher, progress=ctx.progress,
+                  resume_path=ctx.out_dir / "state" / "finetune-epoch.pt")
+    (ctx.out_dir / "state" / "finetune-epoch.pt").unlink(missing_ok=True)
+    acc = _test_accuracy(state.model, ctx)
+    return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
+            "masks_kept": bool(get_masks(state.model)), "line": f"test accuracy {acc:.2%}"}
+
+
+def _quantize(state: RunState, config, ctx) -> dict:
+    _baseline(state, ctx)
+    finalize(state.model)
+    state.model = quantize(state.model, config, data=ctx.data, target=ctx.target)
+    state.quantization = dict(state.model._deepshrink_quant)
+    acc = _test_accuracy(state.model, ctx)
+    return {"scheme": state.quantization["scheme"], "simulated_test_accuracy": acc,
+            "line": f"simulated (PyTorch) test accuracy {acc:.2%}"}
+
+
+def _export(state: RunState, config: ExportStage, ctx) -> dict:
+    finalize(state.model)
+    example = ctx.example_batch(config.parity_samples)
+    jobs = [(COMPRESSED, state.model, state.baseline_macs)]
+    if config.baseline and state.baseline is not None:
+        jobs.insert(0, (FP32, state.baseline, None))
+    lines = []
+    for role, module, macs in jobs:
+        for fmt in config.formats:
+            path = ctx.out_dir / f"{role}.{fmt}"
+            result = export(module, path, example_input=example, target=ctx.target, macs=macs)
+            state.exports[f"{role} .{fmt}"] = {
+                "path": str(path), "role": role, "format": fmt, "file_bytes": result.file_bytes,
+                "parity_max_abs_diff": result.parity_max_abs_diff, "parity_argmax_agreement": result.parity_argmax_agreement,
+            }
+            lines.append(f"{path.name} {result.file_bytes / 1024:.0f} KiB")
+    return {"exports": state.exports, "line": ", ".join(lines)}
+
+
+def _evaluate(state: RunState, config: EvaluateStage, ctx) -> dict:
+    artifacts: dict[str, object] = {}
+    if state.baseline is not None:
+        artifacts[f"{FP32} eager"] = state.baseline
+    if state.baseline is None or state.model is not state.baseline:
+        artifacts[f"{COMPRESSED} eager" + (" (simulated quantized)" if state.quantization else "")] = state.model
+    artifacts.update({label: info["path"] for label, info in state.exports.items()})
+    measured = evaluate_many(artifacts, ctx.data.test, threads=config.threads, latency_runs=config.latency_runs, warmup=config.warmup)
+    state.variants = {label: {**m.as_dict(), **_role(label, state)} for label, m in measured.items()}
+    document = build_metrics(state, ctx, config)
+    write_metrics(ctx.out_dir / "metrics.json", document)
+    lines = [f"{label}: {m.accuracy:.2%}" for label, m in measured.items()]
+    return {"variants": list(state.variants), "checks": document["checks"], "line": "; ".join(lines)}
+
+
+def _role(label: str, state: RunState) -> dict:
+    info = state.exports.get(label)
+    if info is not None:
+        return {"role": info["role"], "format": info["format"], "parity_max_abs_diff": info["parity_max_abs_diff"]}
+    return {"role": FP32 if label.startswith(FP32) else COMPRESSED, "format": "eager", "parity_max_abs_diff": None}
+
+
+def _report(state: RunState, config: ReportStage, ctx) -> dict:
+    import json
+
+    from deepshrink.report import write_report
+
+    document = json.loads((ctx.out_dir / "metrics.json").read_text())
+    path = write_report(document, ctx.out_dir / "report.html", title=config.title or f"deepshrink: {ctx.recipe.name}")
+    return {"path": str(path), "line": str(path)}
+
+
+HANDLERS: dict[str, Callable] = {
+    "train": _train, "load": _load, "prune": _prune, "finetune": _finetune,
+    "quantize": _quantize, "export": _export, "evaluate": _evaluate, "report": _report,
+}

@@ -1,0 +1,97 @@
+"""The HTML report: one file, images inline, every number taken from ``metrics.json``."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from deepshrink.core.io import atomic_write_text
+from deepshrink.report.plots import accuracy_vs_size
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{background:#fff8e1;padding:8px 12px;border-left:4px solid #f0b400}
+code{background:#f3f3f3;padding:1px 4px}
+"""
+
+
+def _fmt(value, kind: str = "") -> str:
+    if value is None:
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.2f} %"
+    if kind == "kib":
+        return f"{value / 1024:,.1f}"
+    if kind == "ms":
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _variants_table(variants: dict[str, dict]) -> str:
+    rows = []
+    for label, v in variants.items():
+        sparsity = None
+        if v.get("params") and v.get("nonzero_params") is not None:
+            sparsity = 1 - v["nonzero_params"] / v["params"]
+        rows.append([
+            html.escape(label), html.escape(v["runtime"]), _fmt(v["accuracy"], "pct"), _fmt(v.get("file_bytes"), "kib"),
+            _fmt(v.get("gzip_bytes"), "kib"), _fmt(v.get("params")), _fmt(v.get("nonzero_params")), _fmt(sparsity, "pct"),
+            _fmt(v.get("macs")), _fmt(v.get("latency_ms_median"), "ms"), _fmt(v.get("latency_ms_p90"), "ms"),
+            _fmt(v.get("parity_max_abs_diff")),
+        ])
+    return _table(["variant", "runtime", "test accuracy", "file KiB", "gzip KiB", "params", "non-zero", "zeros",
+                   "MACs", "latency median ms", "p90 ms", "export parity |Δ|max"], rows)
+
+
+def _stage_sections(stages: list[dict]) -> str:
+    parts = []
+    rows = [[str(s["index"] + 1), html.escape(next(iter(s["stage"]))), _fmt(s["seconds"]),
+             html.escape(s["summary"].get("line", ""))] for s in stages]
+    parts.append(_table(["#", "stage", "seconds", "result"], rows))
+    for s in stages:
+        layers = s["summary"].get("layers") if isinstance(s["summary"], dict) else None
+        if layers:
+            layer_rows = [[html.escape(n), _fmt(d["kept"]), _fmt(d["total"]), _fmt(1 - d["kept"] / d["total"], "pct")]
+                          for n, d in layers.items()]
+            parts.append(f"<h3>Pruning, stage {s['index'] + 1}: per layer</h3>")
+            parts.append(_table(["layer", "kept", "total", "sparsity"], layer_rows))
+    return "".join(parts)
+
+
+def render_report(document: dict, *, title: str) -> str:
+    variants = document.get("variants", {})
+    plot = accuracy_vs_size(variants)
+    env = document.get("environment", {})
+    checks = document.get("checks", {})
+    packages = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items())
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Created {html.escape(document.get('created', ''))}. Data: <code>{html.escape(document.get('data', {}).get('name', ''))}</code> "
+        f"splits {html.escape(json.dumps(document.get('data', {}).get('splits', {})))}; accuracy is on the full test split, "
+        "measured through each file in its own runtime.</p>",
+        "<h2>Variants</h2>", _variants_table(variants),
+        "".join(f'<p class="note">{html.escape(n)}</p>' for n in document.get("notes", [])),
+        f"<p>CPU: {html.escape(env.get('cpu', '?'))}; threads: {env.get('threads')}; batch 1; {packages}.</p>",
+    ]
+    if plot:
+        sections.append(f'<h2>Accuracy against size</h2><img alt="accuracy against size" src="{plot}">')
+    if checks:
+        sections.append("<h2>Checks</h2>" + _table(["check", "value"], [[html.escape(k), _fmt(v)] for k, v in checks.items()]))
+    sections.append("<h2>Stages</h2>" + _stage_sections(document.get("stages", [])))
+    sections.append("<h2>Recipe</h2><pre>" + html.escape(json.dumps(document.get("recipe", {}), indent=2)) + "</pre>")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+
+
+def write_report(document: dict, path: str | Path, *, title: str) -> Path:
+    return atomic_write_text(path, render_report(document, title=title))

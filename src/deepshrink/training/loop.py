@@ -1,0 +1,154 @@
+"""One training loop for training from scratch and for fine-tuning after compression.
+
+Masks attached by pruning are re-applied after every optimizer step, so pruned weights stay
+exactly zero (momentum and weight decay cannot revive them).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepshrink.core.io import atomic_path
+from deepshrink.core.masks import apply_masks, get_masks
+from deepshrink.data.splits import DataSplits
+from deepshrink.training.config import TrainConfig
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` over ``loader``."""
+    was_training = getattr(model, "training", False)
+    _set_eval(model)
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    if was_training:
+        _set_mode(model, train=True)
+    return correct / max(total, 1)
+
+
+def _set_mode(model: nn.Module, *, train: bool) -> None:
+    # graph modules from torch.export refuse .train()/.eval(); their behaviour is fixed at export
+    try:
+        model.train(train)
+    except NotImplementedError:
+        pass
+
+
+def _set_eval(model: nn.Module) -> None:
+    _set_mode(model, train=False)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None, config: TrainConfig) -> torch.Tensor:
+    hard = F.cross_entropy(logits, y)
+    if teacher_logits is None or config.distill is None:
+        return hard
+    t, alpha = config.distill.temperature, config.distill.alpha
+    soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True, reduction="batchmean") * t * t
+    return alpha * soft + (1 - alpha) * hard
+
+
+def fit(
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    progress: bool | None = None,
+    resume_path: str | os.PathLike | None = None,
+) -> History:
+    """Train ``model`` in place on ``data.train``, validating on ``data.val`` after each epoch.
+
+    ``resume_path``: a file where the loop saves its state after each epoch and from which it
+    continues if the file exists (same config assumed).
+    """
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    loader = data.loader("train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    val_loader = data.loader("val", batch_size=512)
+    steps_total = max(config.epochs * len(loader), 1)
+    schedule = (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps_total))) if config.lr_schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if teacher is not None:
+        _set_eval(teacher)
+    history, best_state, best_acc, start_epoch = History(), None, -1.0, 0
+    if resume_path is not None and Path(resume_path).is_file():
+        state = torch.load(resume_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = History(**state["history"])
+        best_acc, best_state, start_epoch = state["best_acc"], state["best_state"], state["epoch"] + 1
+        torch.set_rng_state(state["rng"])
+    show = sys.stderr.isatty() if progress is None else progress
+    apply_masks(model)
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        running, seen = 0.0, 0
+        bar = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", show)
+        for x, y in bar:
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            with torch.no_grad():
+                teacher_logits = teacher(x) if teacher is not None else None
+            loss = _loss(logits, y, teacher_logits, config)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if get_masks(model):
+                apply_masks(model)
+            running += float(loss.detach()) * len(y)
+            seen += len(y)
+            if show:
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+        history.train_loss.append(running / max(seen, 1))
+        acc = accuracy(model, val_loader)
+        history.val_accuracy.append(acc)
+        if acc > best_acc:
+            best_acc, history.best_epoch = acc, epoch
+            best_state = copy.deepcopy(model.state_dict()) if config.keep_best else None
+        if resume_path is not None:
+            with atomic_path(resume_path) as tmp:
+                torch.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "history": vars(history), "best_acc": best_acc, "best_state": best_state, "epoch": epoch,
+                    "rng": torch.get_rng_state(),
+                }, tmp)
+        patience = config.early_stopping_patience
+        if patience and epoch - history.best_epoch >= patience:
+            history.stopped_early = True
+            break
+    if config.keep_best and best_state is not None:
+        model.load_state_dict(best_state)
+    _set_eval(model)
+    return history
+
+
+def _progress(loader: DataLoader, desc: str, show: bool):
+    if not show:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, file=sys.stderr)

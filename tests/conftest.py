@@ -1,0 +1,31 @@
+"""Shared fixtures. Datasets come from ../shared/data (never the network)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DEEPSHRINK_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.fail(f"{SHARED_DATA}/mnist is missing: CI runs with ../shared beside the checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from deepshrink.data import load
+
+    return load("digits")
+
+
+@pytest.fixture(scope="session")
+def mnist(shared_data):
+    from deepshrink.data import load
+
+    return load("mnist", data_dir=shared_data / "mnist")

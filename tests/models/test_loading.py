@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from deepshrink.core.errors import ModelLoadError
+from deepshrink.models import create, load, save_checkpoint
+
+
+@pytest.mark.parametrize("name, params", [("lenet-5", 431_080), ("lenet-300-100", 266_610), ("seed-mlp", 203_530)])
+def test_zoo_parameter_counts(name, params):
+    model = create(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_unknown_model():
+    with pytest.raises(ModelLoadError, match="unknown model 'resnet'; choose one of lenet-300-100, seed-mlp, lenet-5"):
+        create("resnet")
+    with pytest.raises(ModelLoadError, match="is not a zoo model"):
+        load("resnet")
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model = create("lenet-5")
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load(path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+class Tiny(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.fc = nn.Linear(784, width)
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x.flatten(1))))
+'''
+
+
+def test_user_model_file_and_its_checkpoint(tmp_path):
+    (tmp_path / "mine.py").write_text(USER_MODEL)
+    model = load(f"{tmp_path / 'mine.py'}:Tiny", width=8)
+    assert model.fc.out_features == 8
+    path = save_checkpoint(model, tmp_path / "mine.safetensors")
+    again = load(path)
+    assert torch.equal(again.fc.weight, model.fc.weight)
+
+
+def test_user_model_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(f"{tmp_path / 'absent.py'}:Tiny")
+    (tmp_path / "bad.py").write_text("raise ImportError('boom')\n")
+    with pytest.raises(ModelLoadError, match="importing .*bad.py failed: ImportError: boom"):
+        load(f"{tmp_path / 'bad.py'}:Tiny")
+    (tmp_path / "mine.py").write_text(USER_MODEL)
+    with pytest.raises(ModelLoadError, match="has no nn.Module subclass named 'Nope'"):
+        load(f"{tmp_path / 'mine.py'}:Nope")
+
+
+def test_pickles_are_refused_and_garbage_is_reported(tmp_path):
+    torch.save(create("seed-mlp").state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match=r"\.pt checkpoints are not loaded \(pickle runs code\)"):
+        load(tmp_path / "m.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors checkpoint"):
+        load(tmp_path / "junk.safetensors")
+    (tmp_path / "junk.pt2").write_bytes(b"nope")
+    with pytest.raises(ModelLoadError, match="not a loadable torch.export program"):
+        load(tmp_path / "junk.pt2")

@@ -1,0 +1,94 @@
+"""The whole path on the embedded digits, small enough for CI: every stage, both runtimes."""
+import json
+
+import pytest
+
+from deepshrink.pipeline import parse_recipe, run_recipe
+
+RECIPE = {
+    "name": "e2e", "model": "lenet-5", "data": {"name": "digits"}, "target": "xnnpack", "seed": 0,
+    "stages": [
+        {"train": {"epochs": 4, "lr": 0.002}},
+        {"prune": {"method": "magnitude", "sparsity": 0.8}},
+        {"finetune": {"epochs": 1, "lr": 0.0005, "distill": {"temperature": 4.0, "alpha": 0.5}}},
+        {"quantize": {"scheme": "int8-static", "calibration_samples": 128}},
+        {"export": {"formats": ["pte", "onnx"]}},
+        {"evaluate": {"latency_runs": 5, "warmup": 2}},
+        {"report": {}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("e2e")
+    return run_recipe(parse_recipe(RECIPE), out, data=digits, progress=False, log=lambda m: None)
+
+
+def test_runtimes_agree_with_the_simulated_quantized_model(run):
+    v = run.state.variants
+    simulated = v["compressed eager (simulated quantized)"]["accuracy"]
+    assert abs(v["compressed .pte"]["accuracy"] - simulated) <= 0.005
+    assert abs(v["compressed .onnx"]["accuracy"] - simulated) <= 0.005
+    assert v["fp32 .pte"]["accuracy"] == pytest.approx(v["fp32 eager"]["accuracy"], abs=1 / 359)
+    assert simulated > 0.9  # 10-class digits; a broken path lands near 0.1
+
+
+def test_compressed_pte_is_at_least_3x_smaller(run):
+    v = run.state.variants
+    assert v["fp32 .pte"]["file_bytes"] / v["compressed .pte"]["file_bytes"] >= 3.0
+    assert v["fp32 .pte"]["file_bytes"] == (run.out_dir / "fp32.pte").stat().st_size
+
+
+def test_sparsity_and_counts_are_recorded(run):
+    v = run.state.variants
+    assert v["fp32 .onnx"]["params"] == 431_080
+    # conv1 and fc2 stay dense; 80 % of conv2+fc1 (425,000 weights) go
+    assert v["compressed .onnx"]["nonzero_params"] <= 431_080 - 0.8 * 425_000
+    assert v["fp32 eager"]["macs"] == 2_293_000
+
+
+def test_metrics_json_schema_and_report(run):
+    doc = json.loads(run.metrics_path.read_text())
+    assert doc["schema"] == "deepshrink.metrics/1"
+    assert set(doc) >= {"created", "recipe", "environment", "data", "stages", "variants", "checks", "notes"}
+    assert doc["checks"]["pte_size_ratio_fp32_over_compressed"] >= 3.0
+    assert [next(iter(s["stage"])) for s in doc["stages"]][:6] == ["train", "prune", "finetune", "quantize", "export", "evaluate"]
+    html = run.report_path.read_text()
+    assert "data:image/png;base64," in html and "compressed .pte" in html and "AVX-512" in html
+
+
+def test_resume_skips_finished_stages(run, digits):
+    logs = []
+    again = run_recipe(parse_recipe(RECIPE), run.out_dir, resume=True, data=digits, progress=False, log=logs.append)
+    assert logs == ["resuming e2e: stages 1-7 already done"]
+    assert again.state.variants == run.state.variants
+
+
+def test_interrupted_run_resumes_from_the_last_finished_stage(tmp_path, digits, monkeypatch):
+    from deepshrink.core.masks import get_masks
+    from deepshrink.pipeline import stages
+
+    recipe = parse_recipe(dict(RECIPE, stages=RECIPE["stages"][:3]))
+    real_finetune = stages.HANDLERS["finetune"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(stages.HANDLERS, "finetune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path, data=digits, progress=False, log=lambda m: None)
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["completed"] == 2 and state["has_masks"]
+
+    monkeypatch.setitem(stages.HANDLERS, "finetune", real_finetune)
+    logs = []
+    resumed = run_recipe(recipe, tmp_path, resume=True, data=digits, progress=False, log=logs.append)
+    assert logs[0] == "resuming e2e: stages 1-2 already done"
+    assert [e["index"] for e in resumed.state.log] == [0, 1, 2]
+    masks = get_masks(resumed.state.model)
+    # the masks came back from disk and held through fine-tuning: pruned weights are still zero
+    for name, mask in masks.items():
+        weight = dict(resumed.state.model.named_parameters())[name]
+        assert (weight[~mask] == 0).all()
+    assert resumed.state.log[1]["summary"]["sparsity"] == pytest.approx(0.8, abs=1e-6)

@@ -1,0 +1,78 @@
+"""Bad input: one line on stderr, exit code 2 — through the real console entry point."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepshrink.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "deepshrink.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def error_line(result):
+    lines = [l for l in result.stderr.splitlines() if l.startswith("deepshrink: error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_data_directory(tmp_path):
+    recipe = write(tmp_path, "name: x\nmodel: seed-mlp\ndata: {name: mnist}\nstages:\n  - train: {epochs: 1}\n")
+    line = error_line(run_cli("run", recipe, "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path / "absent")))
+    assert "mnist: IDX files not found" in line and "--data-dir" in line
+
+
+def test_unknown_model(tmp_path, capsys):
+    recipe = write(tmp_path, "name: x\nmodel: resnet-9000\nstages:\n  - train: {epochs: 1}\n")
+    assert main(["run", recipe, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deepshrink: error: model: 'resnet-9000' is not a zoo model")
+
+
+def test_malformed_recipe(tmp_path, capsys):
+    recipe = write(tmp_path, "name: x\nstages:\n  - prune: {method: magnitude, sparsity: 2}\n")
+    assert main(["validate", recipe]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "deepshrink: error: stages[0].prune.sparsity: 2.0 is outside [0, 1); use e.g. 0.9 to prune 90 % of weights"
+    )
+
+
+def test_model_file_that_does_not_load(tmp_path, capsys):
+    (tmp_path / "broken.pte").write_bytes(b"this is not a program")
+    assert main(["evaluate", str(tmp_path / "broken.pte"), "--data", "digits"]) == 2
+    assert "ExecuTorch could not load this program" in capsys.readouterr().err
+    (tmp_path / "broken.onnx").write_bytes(b"nope")
+    assert main(["evaluate", str(tmp_path / "broken.onnx"), "--data", "digits"]) == 2
+    assert "ONNX Runtime could not load this model" in capsys.readouterr().err
+    (tmp_path / "user.py").write_text("import nonexistent_module_xyz\n")
+    recipe = write(tmp_path, f"name: x\nmodel: '{tmp_path / 'user.py'}:Net'\nstages:\n  - train: {{epochs: 1}}\n")
+    assert main(["run", recipe, "--out", str(tmp_path / "o")]) == 2
+    assert "ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_validate_ok(capsys):
+    from deepshrink.pipeline.recipe import packaged_recipe
+
+    assert main(["validate", str(packaged_recipe("demo"))]) == 0
+    assert "valid (7 stages" in capsys.readouterr().out
+
+
+def test_evaluate_json_on_a_checkpoint(tmp_path, capsys):
+    from deepshrink.models import create, save_checkpoint
+
+    save_checkpoint(create("seed-mlp"), tmp_path / "m.safetensors")
+    assert main(["evaluate", str(tmp_path / "m.safetensors"), "--data", "digits", "--json", "--runs", "3", "--warmup", "1"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["params"] == 203_530 and metrics["test_samples"] == 359
+    assert metrics["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
+    assert metrics["latency_runs"] == 3
