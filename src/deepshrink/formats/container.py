@@ -32,7 +32,11 @@ from deepshrink.core.errors import ArtifactError, ConfigError
 from deepshrink.core.io import atomic_write_bytes
 from deepshrink.formats import records as rec
 from deepshrink.formats import sparse
+from deepshrink.formats.records import RecordKind, TensorRecord, record_for
 from deepshrink.ops import entropy
+
+__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_ELEMENTS", "RecordKind", "TensorRecord", "record_for",
+           "encode_records", "decode_bytes", "write_container", "read_container", "size_breakdown"]
 
 MAGIC = b"\x89DSK\r\n\x1a\n"
 VERSION = 1

@@ -103,9 +103,10 @@ class TensorRecord:
 def record_for(name: str, tensor: torch.Tensor, *, mask: torch.Tensor | None = None,
                codebook: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                index_bits: int | None = None, kind: RecordKind | str | None = None) -> TensorRecord:
-    """The cheapest record that decodes to exactly ``tensor``.
+    """The cheapest record that decodes to exactly ``tensor`` (pruned zeros come back as +0.0).
 
-    mask:     True where a weight is kept (default: ``tensor != 0``); entries outside it must be 0.
+    mask:     True (or 1) where a weight is kept (default: ``tensor != 0``); entries outside it
+              must be 0.
     codebook, indices: shared weights, ``tensor`` equal to ``codebook[indices]`` where kept;
               ``indices`` has the tensor's shape. Enables the two codebook kinds.
     index_bits: fixes the relative-index gap width (a bitmask is still used if smaller).
@@ -206,7 +207,7 @@ def _check_fields(fields: Any, max_elements: int) -> tuple[RecordKind, int]:
     if numel > max_elements:
         raise ArtifactError(f"shape {shape} has {numel} elements, over the limit of {max_elements} "
                             f"(pass a larger max_elements if the file is trusted)")
-    if fields.get("dtype") not in DTYPES:
+    if not isinstance(fields.get("dtype"), str) or fields["dtype"] not in DTYPES:
         raise ArtifactError(f"'dtype' {fields.get('dtype')!r:.40} is not one of {list(DTYPES)}")
     if fields.get("kind") not in [k.value for k in RecordKind]:
         raise ArtifactError(f"'kind' {fields.get('kind')!r:.40} is not one of {[k.value for k in RecordKind]}")
@@ -217,7 +218,8 @@ def _check_fields(fields: Any, max_elements: int) -> tuple[RecordKind, int]:
             raise ArtifactError(f"'nnz' {nnz!r:.40} must be an int in [0, {numel}]")
         if (not isinstance(info, dict) or info.get("coding") not in [c.value for c in sparse.PositionCoding]
                 or not _is_count(info.get("count"))
-                or not (info.get("index_bits") is None or _is_count(info.get("index_bits")))):
+                or "index_bits" not in info
+                or not (info["index_bits"] is None or _is_count(info["index_bits"]))):
             raise ArtifactError(f"'positions' {info!r:.80} must be {{coding: bitmask|relative, "
                                 f"index_bits: int|null, count: int}}")
     if "codebook" in STREAMS[kind]:
@@ -234,6 +236,7 @@ def _is_count(x: Any) -> bool:
 
 
 def _codebook_candidates(name, flat, shape, dtype, keep, positions, codebook, indices, common):
+    """The SPARSE_CODEBOOK record and, where it fits, the CODEBOOK one (+0.0 added for pruning)."""
     if codebook is None or indices is None:
         raise ConfigError(f"{name}: pass both codebook and indices (got only one)")
     if dtype not in FLOAT_DTYPES:
@@ -270,9 +273,10 @@ def _keep_mask(name: str, flat: torch.Tensor, shape, mask) -> torch.Tensor:
     if mask is None:
         return flat.clone() if flat.dtype == torch.bool else flat != 0
     m = torch.as_tensor(mask).detach().cpu()
-    if m.dtype != torch.bool or tuple(m.shape) != tuple(shape):
-        raise ConfigError(f"{name}: mask must be a bool tensor of shape {tuple(shape)}, got {m.dtype} {tuple(m.shape)}")
-    keep = m.reshape(-1)
+    if tuple(m.shape) != tuple(shape) or (m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all())):
+        raise ConfigError(f"{name}: mask must be a bool (or 0/1, as torch.nn.utils.prune keeps it) tensor "
+                          f"of shape {tuple(shape)}, got {m.dtype} {tuple(m.shape)}")
+    keep = m.reshape(-1).bool()
     outside = flat[~keep] != 0
     if outside.any():
         raise ConfigError(f"{name}: {int(outside.sum())} entries outside the mask are nonzero; "
@@ -311,7 +315,7 @@ def _validate(r: TensorRecord) -> None:
     need(isinstance(r.name, str), "name must be a string")
     need(all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in r.shape),
          f"shape {r.shape} must be non-negative ints")
-    need(r.dtype in DTYPES, f"dtype {r.dtype!r} is not one of {list(DTYPES)}")
+    need(isinstance(r.dtype, str) and r.dtype in DTYPES, f"dtype {r.dtype!r} is not one of {list(DTYPES)}")
     torch_dtype = DTYPES[r.dtype][0]
     present = {f: getattr(r, f) is not None for f in ("values", "positions", "codebook", "indices")}
     wanted = {"values": r.kind in (RecordKind.DENSE, RecordKind.SPARSE),

@@ -20,7 +20,7 @@ import enum
 import numpy as np
 
 from deepshrink.core.errors import ArtifactError, ConfigError
-from deepshrink.ops import entropy
+from deepshrink.ops import entropy, rans
 
 MAX_INDEX_BITS = 16
 
@@ -93,8 +93,8 @@ def encode_positions(positions, numel: int, *, index_bits: int | None = None) ->
     """The smaller of a bitmask and entropy-coded relative indices for these positions.
 
     ``index_bits`` fixes the gap width; ``None`` picks the width whose symbols have the lowest
-    estimated coded size (entropy plus a table cost), computed from gap histograms without
-    materialising the symbols.
+    estimated coded size (entropy plus table and coder-state costs), computed from gap
+    histograms without materialising the symbols.
     """
     pos = _as_positions(positions, numel)
     if index_bits is None:
@@ -132,7 +132,9 @@ def _best_index_bits(pos: np.ndarray) -> int:
         filler = (1 << bits) - 1
         counts = np.bincount(gaps % filler, minlength=filler + 1) if gaps.size else np.zeros(filler + 1, np.int64)
         counts[filler] += int((gaps // filler).sum())
-        cost = entropy.entropy_bits_from_counts(counts) + 24 * np.count_nonzero(counts)
+        # entropy + ~24 bits per table entry + the rANS coder's 32-bit state per lane
+        cost = (entropy.entropy_bits_from_counts(counts) + 24 * np.count_nonzero(counts)
+                + 32 * rans.rans_lanes(int(counts.sum())))
         if cost < best_cost:
             best_bits, best_cost = bits, cost
     return best_bits

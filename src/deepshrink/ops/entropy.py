@@ -63,7 +63,8 @@ def huffman_code_lengths(counts, *, max_length: int = MAX_CODE_LENGTH) -> np.nda
 
     Lengths are capped at ``max_length``: while the optimal tree is deeper, counts are halved
     (rounding up, so no symbol disappears) and the tree rebuilt; flatter counts give a shallower
-    tree and all-equal counts a balanced one. A lone symbol gets length 1.
+    tree and all-equal counts a balanced one. This is a safe fallback, not optimal (package-merge
+    is); it only triggers on Fibonacci-like counts over >100k symbols. A lone symbol gets length 1.
     """
     c = np.asarray(counts)
     if c.ndim != 1 or c.size > MAX_ALPHABET or (c.size and (c.dtype.kind not in "iu" or c.min() < 0)):
@@ -140,57 +141,53 @@ METHODS = ("constant", "fixed", "huffman", "rans")
 def encode(symbols, *, method: str | None = None) -> bytes:
     """Entropy-code ``symbols`` (ints in [0, 65535], any shape, flattened) into a stream.
 
-    ``method`` forces one of ``METHODS`` (for benchmarks and tests); ``None`` keeps the smallest.
+    ``method`` forces one of ``METHODS`` (for benchmarks and tests); ``None`` picks the smallest.
     """
     arr = _as_symbols(symbols)
-    if method is not None and method not in METHODS:
+    counts = np.bincount(arr, minlength=1)
+    distinct = int(np.count_nonzero(counts))
+    if method is None:
+        method = _smallest_method(arr, counts, distinct)
+    if method not in METHODS:
         raise ConfigError(f"method: {method!r} is not one of {METHODS} (or None for the smallest)")
-    counts = np.bincount(arr) if arr.size else np.zeros(1, np.int64)
-    present = np.flatnonzero(counts)
-    if method == "constant" or (method is None and present.size <= 1):
-        if present.size > 1:
-            raise ConfigError(f"method='constant' needs at most one distinct symbol, got {present.size}")
-        return struct.pack("<BH", _Mode.CONSTANT, int(present[0]) if present.size else 0)
-    candidates = {}
-    if method in (None, "fixed"):
-        candidates["fixed"] = lambda: _encode_fixed(arr)
-    if method in (None, "huffman"):
-        candidates["huffman"] = lambda: _encode_huffman(arr, counts)
-    if method == "rans" or (method is None and 2 <= present.size <= _MAX_RANS_SYMBOLS):
-        candidates["rans"] = lambda: _encode_rans(arr, counts)
-    if method is not None:
-        if method != "fixed" and not 2 <= present.size <= (_MAX_RANS_SYMBOLS if method == "rans" else MAX_ALPHABET):
-            raise ConfigError(f"method={method!r} cannot code {present.size} distinct symbols; use method=None")
-        return candidates[method]()
-    # fixed and Huffman sizes are exact from the counts; rANS is estimated and confirmed
+    most = {"constant": 1, "fixed": MAX_ALPHABET, "huffman": MAX_ALPHABET, "rans": _MAX_RANS_SYMBOLS}[method]
+    least = 2 if method in ("huffman", "rans") else 0
+    if not least <= distinct <= most:
+        raise ConfigError(f"method={method!r} codes {least}..{most} distinct symbols, got {distinct}; "
+                          f"use method=None")
+    if method == "constant":
+        return struct.pack("<BH", _Mode.CONSTANT, int(np.argmax(counts)))
+    if method == "fixed":
+        width = max(1, int(arr.max()).bit_length()) if arr.size else 1
+        return struct.pack("<BB", _Mode.FIXED, width) + _pack_bits(arr, np.full(arr.size, width))
+    if method == "huffman":
+        lengths = huffman_code_lengths(counts)
+        symbols_sorted, _, codes = _canonical(lengths)
+        code_of = np.zeros(lengths.size, dtype=np.int64)
+        code_of[symbols_sorted] = codes
+        return (bytes([_Mode.HUFFMAN]) + _pack_table(lengths, np.uint8)
+                + _pack_bits(code_of[arr], lengths.astype(np.int64)[arr]))
+    freq = _rans_frequencies(counts)
+    states, words = rans.rans_encode(arr, freq, np.cumsum(freq) - freq)
+    return (bytes([_Mode.RANS]) + _pack_table(freq, np.uint16)
+            + states.astype("<u4").tobytes() + words.astype("<u2").tobytes())
+
+
+def _smallest_method(arr: np.ndarray, counts: np.ndarray, distinct: int) -> str:
+    """The method with the fewest bytes: exact for fixed and Huffman, within a few bytes per
+    lane for rANS (its cost is the cross-entropy against its quantised frequencies)."""
+    if distinct <= 1:
+        return "constant"
     width = max(1, int(arr.max()).bit_length())
     lengths = huffman_code_lengths(counts)
     sizes = {"fixed": 2 + (arr.size * width + 7) // 8,
              "huffman": 1 + _table_size(lengths, 1) + (int(counts @ lengths.astype(np.int64)) + 7) // 8}
-    best = candidates[min(sizes, key=sizes.get)]()
-    if "rans" in candidates:
+    if distinct <= _MAX_RANS_SYMBOLS:
         freq = _rans_frequencies(counts)
+        present = np.flatnonzero(counts)
         cross_bits = float(np.sum(counts[present] * np.log2(rans.PROB_SCALE / freq[present])))
-        estimate = 1 + _table_size(freq, 2) + 4 * rans.rans_lanes(arr.size) + 2 * math.ceil(cross_bits / 16)
-        if estimate < len(best):
-            coded = candidates["rans"]()
-            if len(coded) < len(best):
-                best = coded
-    return best
-
-
-def _encode_fixed(arr: np.ndarray) -> bytes:
-    width = max(1, int(arr.max()).bit_length()) if arr.size else 1
-    return struct.pack("<BB", _Mode.FIXED, width) + _pack_bits(arr, np.full(arr.size, width))
-
-
-def _encode_huffman(arr: np.ndarray, counts: np.ndarray) -> bytes:
-    lengths = huffman_code_lengths(counts)
-    symbols_sorted, _, codes = _canonical(lengths)
-    code_of = np.zeros(lengths.size, dtype=np.int64)
-    code_of[symbols_sorted] = codes
-    return (bytes([_Mode.HUFFMAN]) + _pack_table(lengths, np.uint8)
-            + _pack_bits(code_of[arr], lengths.astype(np.int64)[arr]))
+        sizes["rans"] = 1 + _table_size(freq, 2) + 4 * rans.rans_lanes(arr.size) + 2 * math.ceil(cross_bits / 16)
+    return min(sizes, key=sizes.get)
 
 
 def _rans_frequencies(counts: np.ndarray) -> np.ndarray:
@@ -198,13 +195,6 @@ def _rans_frequencies(counts: np.ndarray) -> np.ndarray:
     freq = np.zeros(counts.size, dtype=np.int64)
     freq[present] = rans.quantise_frequencies(counts[present])
     return freq
-
-
-def _encode_rans(arr: np.ndarray, counts: np.ndarray) -> bytes:
-    freq = _rans_frequencies(counts)
-    states, words = rans.rans_encode(arr, freq, np.cumsum(freq) - freq)
-    return (bytes([_Mode.RANS]) + _pack_table(freq, np.uint16)
-            + states.astype("<u4").tobytes() + words.astype("<u2").tobytes())
 
 
 def decode(data: bytes, n: int) -> np.ndarray:

@@ -28,10 +28,12 @@ def accuracy_vs_size(variants: dict[str, dict]) -> str | None:
         return None
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    markers = {".pte": "s", ".onnx": "^"}
     for label, size_kib, acc in points:
-        marker = "o" if label.startswith("fp32") else "s"
-        ax.scatter(size_kib, acc, marker=marker, s=50)
-        ax.annotate(label, (size_kib, acc), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        marker = next((m for suffix, m in markers.items() if label.endswith(suffix)), "o")
+        # variants often coincide (same accuracy, near sizes): a legend stays readable, labels overlap
+        ax.scatter(size_kib, acc, marker=marker, s=60, alpha=0.8, label=label)
+    ax.legend(fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("file size (KiB, log scale)")
     ax.set_ylabel("test accuracy in runtime (%)")
