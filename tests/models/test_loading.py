@@ -72,3 +72,17 @@ def test_pickles_are_refused_and_garbage_is_reported(tmp_path):
     (tmp_path / "junk.pt2").write_bytes(b"nope")
     with pytest.raises(ModelLoadError, match="not a loadable torch.export program"):
         load(tmp_path / "junk.pt2")
+
+
+def test_sparse_dsk_round_trip_is_exact_and_small(tmp_path):
+    model = create("lenet-300-100")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p[torch.rand_like(p) < 0.9] = 0
+    path = save_checkpoint(model, tmp_path / "m.dsk")
+    loaded = load(path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    # 90 % zeros stored as positions + fp32 values: well under half the dense fp32 bytes
+    assert path.stat().st_size < 0.25 * 4 * 266_610

@@ -2,7 +2,7 @@
 
 A spec is one of: a zoo name (``lenet-5``); ``path/to/file.py:ClassName`` (the user's own code,
 imported from their file); a deepshrink checkpoint ``.safetensors`` (weights + how to rebuild the
-skeleton); or a ``.pt2`` ``torch.export`` program (runs without the original class definition —
+skeleton); a compressed ``.dsk`` container (same, with sparse/codebook storage); or a ``.pt2`` ``torch.export`` program (runs without the original class definition —
 how quantized and structurally shrunk models are saved).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from deepshrink.models.zoo import ZOO, create, get_arch, set_arch
 
 def load(spec: str | os.PathLike, **kwargs: Any) -> nn.Module:
     text = str(spec)
-    if text.endswith((".safetensors", ".pt2")) or (Path(text).suffix in {".pt", ".pth", ".ckpt"}):
+    if text.endswith((".safetensors", ".pt2", ".dsk")) or (Path(text).suffix in {".pt", ".pth", ".ckpt"}):
         return load_checkpoint(text)
     if ":" in text and text.split(":", 1)[0].endswith(".py"):
         return load_user_class(text, **kwargs)
@@ -60,7 +60,7 @@ def load_user_class(spec: str, **kwargs: Any) -> nn.Module:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input: torch.Tensor | None = None) -> Path:
-    """Save weights + architecture (``.safetensors``), or an exported program (``.pt2``)."""
+    """Save weights + architecture (``.safetensors``, or ``.dsk`` stored sparse), or a program (``.pt2``)."""
     path = Path(path)
     if path.suffix == ".pt2":
         if example_input is None:
@@ -74,6 +74,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
         raise ModelLoadError(
             f"{path}: this module has no recorded architecture (a graph module or a model built outside deepshrink); save it as .pt2"
         )
+    if path.suffix == ".dsk":
+        from deepshrink.formats.container import record_for, write_container
+
+        # each tensor stored the cheapest way its values allow: dense, or sparse positions + values
+        records = [record_for(name, tensor) for name, tensor in model.state_dict().items()]
+        return write_container(path, records, {"arch": arch})
     return write_checkpoint(path, model.state_dict(), {"arch": arch})
 
 
@@ -86,10 +92,15 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module:
             return torch.export.load(str(path)).module()
         except Exception as err:  # torch raises many types for a bad archive
             raise ModelLoadError(f"model: {path} is not a loadable torch.export program: {type(err).__name__}: {err}") from None
-    if path.suffix != ".safetensors":
-        raise ModelLoadError(f"model: {path.suffix} checkpoints are not loaded (pickle runs code); use .safetensors or .pt2")
+    if path.suffix not in (".safetensors", ".dsk"):
+        raise ModelLoadError(f"model: {path.suffix} checkpoints are not loaded (pickle runs code); use .safetensors, .dsk or .pt2")
     try:
-        tensors, meta = read_checkpoint(path)
+        if path.suffix == ".dsk":
+            from deepshrink.formats.container import read_container
+
+            tensors, meta = read_container(path)  # codebooks and sparse positions decode to dense tensors
+        else:
+            tensors, meta = read_checkpoint(path)
     except ArtifactError as err:
         raise ModelLoadError(f"model: {err}") from None
     arch = meta.get("arch") or {}

@@ -1,0 +1,45 @@
+import copy
+
+import torch
+
+from deepshrink.deploy.sparse_compute import CsrLinear, choose_sparse_compute, densify
+from deepshrink.models import create
+
+
+def sparse_mlp(sparsity: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create("lenet-300-100")
+    with torch.no_grad():
+        for layer in [*model.hidden, model.classifier]:
+            layer.weight[torch.rand_like(layer.weight) < sparsity] = 0
+    return model.eval()
+
+
+def test_csr_linear_matches_dense():
+    model = sparse_mlp(0.9)
+    layer = model.hidden[0]
+    x = torch.randn(5, 784)
+    assert torch.allclose(CsrLinear(layer.weight, layer.bias)(x), layer(x), atol=1e-5)
+    back = CsrLinear(layer.weight, layer.bias).to_dense_linear()
+    assert torch.equal(back.weight, layer.weight) and torch.equal(back.bias, layer.bias)
+
+
+def test_decisions_cover_every_linear_and_outputs_do_not_change():
+    model = sparse_mlp(0.97)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 1, 28, 28)
+    decisions = choose_sparse_compute(model, x, runs=30)
+    assert [d.layer for d in decisions] == ["hidden.0", "hidden.1", "classifier"]
+    assert all(abs(d.sparsity - 0.97) < 0.02 for d in decisions)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, CsrLinear)}
+    assert swapped == {d.layer for d in decisions if d.runs_sparse}
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+    densify(model)
+    assert not any(isinstance(m, CsrLinear) for m in model.modules())
+    assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_dense_layers_are_not_candidates():
+    model = sparse_mlp(0.0)
+    decisions = choose_sparse_compute(model, torch.randn(1, 1, 28, 28), runs=10)
+    assert not any(d.runs_sparse for d in decisions)
