@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from deepshrink.deploy.sparse_compute import CsrLinear, choose_sparse_compute, densify
+from deepshrink.formats.sparse_compute import CsrLinear, choose_sparse_compute, densify
 from deepshrink.models import create
 
 
@@ -43,3 +43,22 @@ def test_dense_layers_are_not_candidates():
     model = sparse_mlp(0.0)
     decisions = choose_sparse_compute(model, torch.randn(1, 1, 28, 28), runs=10)
     assert not any(d.runs_sparse for d in decisions)
+
+
+def test_dsk_export_records_decisions_and_runner_applies_them(tmp_path, digits):
+    from deepshrink.deploy import export
+    from deepshrink.evaluation import evaluate
+    from deepshrink.evaluation.runners import open_runner
+    from deepshrink.formats.sidecar import read_sidecar
+
+    model = sparse_mlp(0.97)
+    result = export(model, tmp_path / "m.dsk", example_input=digits.example_input(8))
+    assert result.parity_max_abs_diff < 1e-5
+    decisions = read_sidecar(tmp_path / "m.dsk")["sparse_compute"]
+    assert [d["layer"] for d in decisions] == ["hidden.0", "hidden.1", "classifier"]
+    runner = open_runner(tmp_path / "m.dsk")
+    sparse_layers = {n for n, m in runner.model.named_modules() if isinstance(m, CsrLinear)}
+    assert sparse_layers == {d["layer"] for d in decisions if d["runs_sparse"]}
+    metrics = evaluate(tmp_path / "m.dsk", digits.test, latency_runs=3, warmup=1)
+    assert metrics.file_bytes == (tmp_path / "m.dsk").stat().st_size
+    assert metrics.nonzero_params < 0.05 * 266_610 + 410  # weights 97 % zero; biases dense

@@ -92,3 +92,22 @@ def test_interrupted_run_resumes_from_the_last_finished_stage(tmp_path, digits, 
         weight = dict(resumed.state.model.named_parameters())[name]
         assert (weight[~mask] == 0).all()
     assert resumed.state.log[1]["summary"]["sparsity"] == pytest.approx(0.8, abs=1e-6)
+
+
+def test_pruned_float_model_as_dsk_with_sparse_compute_decisions(tmp_path, digits):
+    recipe = parse_recipe({
+        "name": "sparse", "model": "lenet-300-100", "data": {"name": "digits"},
+        "stages": [
+            {"train": {"epochs": 2}},
+            {"prune": {"method": "magnitude", "sparsity": 0.95, "skip_classifier": False}},
+            {"export": {"formats": ["dsk", "pte"]}},
+            {"evaluate": {"latency_runs": 3, "warmup": 1}},
+            {"report": {}},
+        ],
+    })
+    result = run_recipe(recipe, tmp_path, data=digits, progress=False, log=lambda m: None)
+    v = result.state.variants
+    assert v["compressed .dsk"]["accuracy"] == v["compressed eager"]["accuracy"]   # lossless storage
+    assert v["fp32 .pte"]["file_bytes"] / v["compressed .dsk"]["file_bytes"] > 8    # 95 % sparse, stored sparse
+    assert v["compressed .dsk"]["nonzero_params"] == v["compressed eager"]["nonzero_params"]
+    assert "Sparse compute, compressed .dsk" in result.report_path.read_text()

@@ -31,7 +31,7 @@ def test_demo_recipe_is_valid_and_round_trips():
     (base(stages=[{"prune": {"method": "lottery"}}]), r"^stages\[0\]\.prune\.method: 'lottery' is not allowed; choose one of 'magnitude'"),
     (base(stages=[{"quantize": {"scheme": "int8-static", "calibration": "kl"}}]), r"^stages\[0\]\.quantize\.calibration: 'kl' is not allowed"),
     (base(stages=[{"train": {"epochs": "ten"}}]), r"^stages\[0\]\.train\.epochs: expected an integer, got 'ten'$"),
-    (base(stages=[{"export": {"formats": ["tflite"]}}]), r"^stages\[0\]\.export\.formats\[0\]: 'tflite' is not allowed; choose one of 'pte', 'onnx'$"),
+    (base(stages=[{"export": {"formats": ["tflite"]}}]), r"^stages\[0\]\.export\.formats\[0\]: 'tflite' is not allowed; choose one of 'pte', 'onnx', 'dsk'$"),
     (base(stages=[{"quantize": {"scheme": "int8-static"}}, {"prune": {"method": "magnitude"}}]), r"^stages\[1\]\.prune: must come before quantize"),
     (base(stages=[{"report": {}}]), r"^stages\[0\]\.report: needs an evaluate stage before it$"),
     (base(data={"name": "digits", "size": 3}), r"^recipe\.data\.size: unknown key"),

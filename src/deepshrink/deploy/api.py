@@ -16,7 +16,7 @@ from deepshrink.evaluation.runners import open_runner
 from deepshrink.deploy.lowering import to_onnx, to_pte
 from deepshrink.formats.sidecar import write_sidecar
 
-FORMATS = {".pte": to_pte, ".onnx": to_onnx}
+FORMATS = {".pte": to_pte, ".onnx": to_onnx, ".dsk": None}  # .dsk: deepshrink's compressed container
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,15 @@ def export(
     path = Path(path)
     profile = get_target(target) if isinstance(target, str) else target
     if path.suffix not in FORMATS:
-        raise ExportError(f"{path}: unknown export format {path.suffix!r}; use .pte (ExecuTorch/XNNPACK) or .onnx")
+        raise ExportError(f"{path}: unknown export format {path.suffix!r}; use .pte (ExecuTorch/XNNPACK), .onnx or .dsk")
     if getattr(model, "_deepshrink_masks", None):
         raise ExportError("export: the model still carries pruning masks; call deepshrink.pruning.finalize(model) first")
-    program = capture(model, example_input, max_batch=profile.max_batch)
-    FORMATS[path.suffix](program, path)
+    extra: dict = {}
+    if path.suffix == ".dsk":
+        extra["sparse_compute"] = _write_dsk(model, path, example_input)
+    else:
+        program = capture(model, example_input, max_batch=profile.max_batch)
+        FORMATS[path.suffix](program, path)
     with torch.no_grad():
         reference = model(example_input)
         produced = open_runner(path).predict(example_input)
@@ -63,6 +67,27 @@ def export(
     write_sidecar(path, {
         "format": path.suffix[1:], "target": profile.name, "params": params, "nonzero_params": nonzero, "macs": macs,
         "parity_max_abs_diff": diff, "parity_argmax_agreement": agreement, "example_batch": int(example_input.shape[0]),
-        "quantization": getattr(model, "_deepshrink_quant", None),
+        "quantization": getattr(model, "_deepshrink_quant", None), **extra,
     })
     return ExportResult(path, path.stat().st_size, diff, agreement)
+
+
+def _write_dsk(model: nn.Module, path: Path, example_input: torch.Tensor) -> list[dict]:
+    """Write the container, then decide per Linear layer whether CSR compute beats dense.
+
+    The decisions are measured here once and stored in the sidecar; the runner applies them
+    when it loads the file, so evaluation measures exactly what was decided.
+    """
+    import copy
+
+    from deepshrink.formats.sparse_compute import choose_sparse_compute
+    from deepshrink.models.loading import save_checkpoint
+
+    if isinstance(model, torch.fx.GraphModule):
+        raise ExportError(f"{path}: a quantized graph cannot be stored as .dsk; store the float (pruned/codebook) model, or export .pte/.onnx")
+    try:
+        save_checkpoint(model, path)
+    except Exception as err:
+        raise ExportError(f"{path}: {err}") from None
+    decisions = choose_sparse_compute(copy.deepcopy(model), example_input)
+    return [d.as_dict() for d in decisions]

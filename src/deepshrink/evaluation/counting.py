@@ -22,7 +22,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
                 if isinstance(value, torch.Tensor):
                     tensors.append((node.target, value))
     else:
-        tensors = list(model.named_parameters()) + list(model.named_buffers())
+        # integer buffers are bookkeeping (BatchNorm's num_batches_tracked, CSR indices), not weights
+        buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        tensors = list(model.named_parameters()) + buffers
     for name, t in tensors:
         if id(t) in seen or t.ndim == 0 or "scale" in name or "zero_point" in name:
             continue

@@ -91,4 +91,22 @@ def open_runner(artifact: nn.Module | str | os.PathLike, *, threads: int = 1):
         return OnnxRunner(path, threads)
     from deepshrink.models.loading import load_checkpoint
 
-    return EagerRunner(load_checkpoint(path), threads)
+    model = load_checkpoint(path)
+    runner = EagerRunner(model, threads)
+    if path.suffix == ".dsk":
+        _apply_sparse_decisions(model, path)
+        runner.runtime = "pytorch (.dsk)"
+    return runner
+
+
+def _apply_sparse_decisions(model: nn.Module, path: Path) -> None:
+    """Run sparse the layers that export measured faster sparse (recorded in the sidecar)."""
+    from deepshrink.formats.sparse_compute import CsrLinear
+    from deepshrink.formats.sidecar import read_sidecar
+
+    for decision in (read_sidecar(path) or {}).get("sparse_compute", []):
+        if decision["runs_sparse"]:
+            parent_name, _, child = decision["layer"].rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            dense = getattr(parent, child)
+            setattr(parent, child, CsrLinear(dense.weight, dense.bias))

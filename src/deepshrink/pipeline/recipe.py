@@ -56,12 +56,12 @@ class LoadStage:
 class ExportStage:
     """Which files to write. ``baseline``: also export the dense fp32 model for comparison."""
 
-    formats: tuple[Literal["pte", "onnx"], ...] = ("pte", "onnx")
+    formats: tuple[Literal["pte", "onnx", "dsk"], ...] = ("pte", "onnx")
     baseline: bool = True
     parity_samples: int = 64
 
     def __post_init__(self) -> None:
-        check(len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx'")
+        check(len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx', 'dsk'")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from deepshrink.core.masks import get_masks
 from deepshrink.deploy import export
 from deepshrink.evaluation.compare import evaluate_many
 from deepshrink.evaluation.counting import count_macs
+from deepshrink.formats.sidecar import read_sidecar
 from deepshrink.models import load as load_model
 from deepshrink.models.loading import load_checkpoint
 from deepshrink.pipeline.metrics_doc import build_metrics, write_metrics
@@ -95,6 +96,7 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
             state.exports[f"{role} .{fmt}"] = {
                 "path": str(path), "role": role, "format": fmt, "file_bytes": result.file_bytes,
                 "parity_max_abs_diff": result.parity_max_abs_diff, "parity_argmax_agreement": result.parity_argmax_agreement,
+                "sparse_compute": (read_sidecar(path) or {}).get("sparse_compute"),
             }
             lines.append(f"{path.name} {result.file_bytes / 1024:.0f} KiB")
     return {"exports": state.exports, "line": ", ".join(lines)}

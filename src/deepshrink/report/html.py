@@ -66,6 +66,14 @@ def _stage_sections(stages: list[dict]) -> str:
                           for n, d in layers.items()]
             parts.append(f"<h3>Pruning, stage {s['index'] + 1}: per layer</h3>")
             parts.append(_table(["layer", "kept", "total", "sparsity"], layer_rows))
+    for s in stages:
+        exports = s["summary"].get("exports") if isinstance(s["summary"], dict) else None
+        for label, info in (exports or {}).items():
+            if info.get("sparse_compute"):
+                parts.append(f"<h3>Sparse compute, {html.escape(label)}: measured per layer at batch 1</h3>")
+                parts.append(_table(["layer", "sparsity", "dense µs", "CSR µs", "runs"], [
+                    [html.escape(d["layer"]), _fmt(d["sparsity"], "pct"), _fmt(d["dense_us"]), _fmt(d["sparse_us"]),
+                     "sparse" if d["runs_sparse"] else "dense"] for d in info["sparse_compute"]]))
     return "".join(parts)
 
 
