@@ -28,7 +28,7 @@ def test_demo_recipe_is_valid_and_round_trips():
     (base(stages=[]), r"^stages: required"),
     (base(stages=[{"trian": {}}]), r"^stages\[0\]\.trian: unknown stage; allowed stages: train, load, prune"),
     (base(stages=[{"prune": {"method": "magnitude", "sparsity": 1.5}}]), r"^stages\[0\]\.prune\.sparsity: 1\.5 is outside \[0, 1\)"),
-    (base(stages=[{"prune": {"method": "lottery"}}]), r"^stages\[0\]\.prune\.method: 'lottery' is not allowed; choose one of 'magnitude'"),
+    (base(stages=[{"prune": {"method": "lottery"}}]), r"^stages\[0\]\.prune\.method: 'lottery' is not allowed; choose one of 'magnitude', 'gradient', 'taylor', 'random'"),
     (base(stages=[{"quantize": {"scheme": "int8-static", "calibration": "kl"}}]), r"^stages\[0\]\.quantize\.calibration: 'kl' is not allowed"),
     (base(stages=[{"train": {"epochs": "ten"}}]), r"^stages\[0\]\.train\.epochs: expected an integer, got 'ten'$"),
     (base(stages=[{"export": {"formats": ["tflite"]}}]), r"^stages\[0\]\.export\.formats\[0\]: 'tflite' is not allowed; choose one of 'pte', 'onnx', 'dsk'$"),

@@ -29,11 +29,13 @@ from typing import Any, Literal
 from deepshrink.core.config import check, from_dict, to_dict
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
-from deepshrink.pruning import MagnitudePruning
+from deepshrink.pruning import GradientPruning, MagnitudePruning, RandomPruning, TaylorPruning
 from deepshrink.quantization import Int8Dynamic, Int8Static
 from deepshrink.training import TrainConfig
 
-PRUNE_METHODS: dict[str, type] = {"magnitude": MagnitudePruning}
+PRUNE_METHODS: dict[str, type] = {
+    "magnitude": MagnitudePruning, "gradient": GradientPruning, "taylor": TaylorPruning, "random": RandomPruning,
+}
 QUANT_SCHEMES: dict[str, type] = {"int8-static": Int8Static, "int8-dynamic": Int8Dynamic}
 
 
