@@ -99,7 +99,8 @@ def test_pruned_float_model_as_dsk_with_sparse_compute_decisions(tmp_path, digit
         "name": "sparse", "model": "lenet-300-100", "data": {"name": "digits"},
         "stages": [
             {"train": {"epochs": 2}},
-            {"prune": {"method": "magnitude", "sparsity": 0.95, "skip_classifier": False}},
+            {"prune": {"method": "magnitude", "sparsity": 0.95, "skip_classifier": False,
+                       "schedule": {"iterative": {"sparsities": [0.8]}}, "retrain": {"epochs": 2}}},
             {"export": {"formats": ["dsk", "pte"]}},
             {"evaluate": {"latency_runs": 3, "warmup": 1}},
             {"report": {}},
@@ -111,3 +112,5 @@ def test_pruned_float_model_as_dsk_with_sparse_compute_decisions(tmp_path, digit
     assert v["fp32 .pte"]["file_bytes"] / v["compressed .dsk"]["file_bytes"] > 8    # 95 % sparse, stored sparse
     assert v["compressed .dsk"]["nonzero_params"] == v["compressed eager"]["nonzero_params"]
     assert "Sparse compute, compressed .dsk" in result.report_path.read_text()
+    rounds = result.state.log[1]["summary"]["rounds"]
+    assert [(r["epoch"], r["sparsity"]) for r in rounds] == [(0, 0.8), (1, 0.95)]

@@ -16,7 +16,7 @@ def base(**overrides):
 def test_demo_recipe_is_valid_and_round_trips():
     recipe = load_recipe(packaged_recipe("demo"))
     assert [s.kind for s in recipe.stages] == ["train", "prune", "finetune", "quantize", "export", "evaluate", "report"]
-    assert recipe.stages[1].config == MagnitudePruning(sparsity=0.8, scope="global")
+    assert recipe.stages[1].config.pruning == MagnitudePruning(sparsity=0.8, scope="global")
     assert isinstance(recipe.stages[3].config, Int8Static)
     assert parse_recipe(recipe.as_dict()) == recipe
     assert parse_recipe(recipe.as_dict()).fingerprint() == recipe.fingerprint()
@@ -49,3 +49,18 @@ def test_bad_yaml_names_the_line(tmp_path):
         load_recipe(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "absent.yaml")
+
+
+def test_scheduled_prune_round_trips_and_needs_retrain():
+    raw = base(stages=[{"prune": {"method": "taylor", "sparsity": 0.9, "schedule": {"iterative": {"sparsities": [0.5, 0.8]}},
+                                  "retrain": {"epochs": 6}}}])
+    recipe = parse_recipe(raw)
+    stage = recipe.stages[0].config
+    assert stage.schedule.sparsities == (0.5, 0.8) and stage.retrain.epochs == 6
+    assert parse_recipe(recipe.as_dict()) == recipe
+    no_retrain = base(stages=[{"prune": {"method": "magnitude", "schedule": {"gradual": {"steps": 4}}}}])
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.prune\.retrain: a schedule needs retrain epochs"):
+        parse_recipe(no_retrain)
+    bad = base(stages=[{"prune": {"method": "magnitude", "schedule": {"cubic": {}}, "retrain": {}}}])
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.prune\.schedule\.cubic: unknown schedule; choose one of one-shot, iterative, gradual"):
+        parse_recipe(bad)

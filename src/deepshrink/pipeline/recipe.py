@@ -29,13 +29,14 @@ from typing import Any, Literal
 from deepshrink.core.config import check, from_dict, to_dict
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
-from deepshrink.pruning import GradientPruning, MagnitudePruning, RandomPruning, TaylorPruning
+from deepshrink.pruning import Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning
 from deepshrink.quantization import Int8Dynamic, Int8Static
 from deepshrink.training import TrainConfig
 
 PRUNE_METHODS: dict[str, type] = {
     "magnitude": MagnitudePruning, "gradient": GradientPruning, "taylor": TaylorPruning, "random": RandomPruning,
 }
+SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}
 QUANT_SCHEMES: dict[str, type] = {"int8-static": Int8Static, "int8-dynamic": Int8Dynamic}
 
 
@@ -80,6 +81,20 @@ class EvaluateStage:
 
 
 @dataclass(frozen=True)
+class PruneStage:
+    """A pruning config (chosen by ``method``), optionally on a schedule with retraining.
+
+    Without ``schedule`` the prune is one-shot and a later ``finetune`` stage wins the accuracy
+    back. With it (``{iterative: {sparsities: [0.5, 0.8]}}``, ``{gradual: {steps: 8}}``) the stage
+    alternates prunes and ``retrain`` epochs itself; ``retrain.distill`` distils from the dense model.
+    """
+
+    pruning: Any
+    schedule: Any = None
+    retrain: TrainConfig | None = None
+
+
+@dataclass(frozen=True)
 class ReportStage:
     title: str | None = None
 
@@ -104,7 +119,11 @@ class Stage:
     def as_dict(self) -> dict:
         body = to_dict(self.config)
         if self.kind == "prune":
-            body = {"method": _name_of(PRUNE_METHODS, self.config), **body}
+            body = {"method": _name_of(PRUNE_METHODS, self.config.pruning), **to_dict(self.config.pruning)}
+            if self.config.schedule is not None:
+                body["schedule"] = {_name_of(SCHEDULES, self.config.schedule): to_dict(self.config.schedule)}
+            if self.config.retrain is not None:
+                body["retrain"] = to_dict(self.config.retrain)
         elif self.kind == "quantize":
             body = {"scheme": _name_of(QUANT_SCHEMES, self.config), **body}
         return {self.kind: body}
@@ -154,12 +173,31 @@ def parse_stage(item: Any, path: str) -> Stage:
         raise ConfigError(f"{path}.{kind}: expected a mapping of options, got {body!r}")
     stage_path = f"{path}.{kind}"
     if kind == "prune":
-        klass, body = _pick(PRUNE_METHODS, "method", body, stage_path)
+        return Stage(kind, parse_prune(body, stage_path))
     elif kind == "quantize":
         klass, body = _pick(QUANT_SCHEMES, "scheme", body, stage_path)
     else:
         klass = STAGES[kind]
     return Stage(kind, from_dict(klass, body, stage_path))
+
+
+def parse_prune(body: dict, path: str) -> PruneStage:
+    body = dict(body)
+    schedule_raw, retrain_raw = body.pop("schedule", None), body.pop("retrain", None)
+    klass, body = _pick(PRUNE_METHODS, "method", body, path)
+    pruning = from_dict(klass, body, path)
+    schedule = None
+    if schedule_raw is not None:
+        if not isinstance(schedule_raw, dict) or len(schedule_raw) != 1:
+            raise ConfigError(f"{path}.schedule: a mapping with one key, one of {', '.join(SCHEDULES)}; got {schedule_raw!r}")
+        name, options = next(iter(schedule_raw.items()))
+        if name not in SCHEDULES:
+            raise ConfigError(f"{path}.schedule.{name}: unknown schedule; choose one of {', '.join(SCHEDULES)}")
+        schedule = from_dict(SCHEDULES[name], options or {}, f"{path}.schedule.{name}")
+    retrain = None if retrain_raw is None else from_dict(TrainConfig, retrain_raw, f"{path}.retrain")
+    if schedule is not None and retrain is None:
+        raise ConfigError(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
+    return PruneStage(pruning, schedule, retrain)
 
 
 def parse_recipe(raw: Any) -> Recipe:

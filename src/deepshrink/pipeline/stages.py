@@ -11,9 +11,9 @@ from deepshrink.formats.sidecar import read_sidecar
 from deepshrink.models import load as load_model
 from deepshrink.models.loading import load_checkpoint
 from deepshrink.pipeline.metrics_doc import build_metrics, write_metrics
-from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, Recipe, ReportStage
+from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, PruneStage, Recipe, ReportStage
 from deepshrink.pipeline.state import RunState
-from deepshrink.pruning import finalize, prune
+from deepshrink.pruning import finalize, prune, prune_with_schedule
 from deepshrink.quantization import quantize
 from deepshrink.training import TrainConfig, accuracy, fit
 
@@ -53,12 +53,21 @@ def _load(state: RunState, config: LoadStage, ctx) -> dict:
     return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"test accuracy {acc:.2%}"}
 
 
-def _prune(state: RunState, config, ctx) -> dict:
+def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
     _baseline(state, ctx)
-    report = prune(state.model, config, data=ctx.data)
+    if stage.schedule is None:
+        report = prune(state.model, stage.pruning, data=ctx.data)
+        acc = _test_accuracy(state.model, ctx)
+        return {**report.as_dict(), "test_accuracy_before_finetune": acc,
+                "line": f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%} before fine-tuning"}
+    teacher = state.baseline if stage.retrain.distill is not None else None
+    steps = prune_with_schedule(state.model, stage.pruning, stage.schedule, data=ctx.data, train_config=stage.retrain,
+                                teacher=teacher, progress=ctx.progress)
+    report = next(s.report for s in reversed(steps) if s.report is not None)
     acc = _test_accuracy(state.model, ctx)
-    return {**report.as_dict(), "test_accuracy_before_finetune": acc,
-            "line": f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%} before fine-tuning"}
+    rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": s.history.val_accuracy} for s in steps]
+    return {**report.as_dict(), "rounds": rounds, "test_accuracy": acc,
+            "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, test accuracy {acc:.2%}"}
 
 
 def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
