@@ -57,14 +57,15 @@ class LoadStage:
 
 @dataclass(frozen=True)
 class ExportStage:
-    """Which files to write. ``baseline``: also export the dense fp32 model for comparison."""
+    """Which files to write (default: the target's own format). ``baseline``: also export the
+    dense fp32 model for comparison."""
 
-    formats: tuple[Literal["pte", "onnx", "dsk"], ...] = ("pte", "onnx")
+    formats: tuple[Literal["pte", "onnx", "dsk"], ...] | None = None
     baseline: bool = True
     parity_samples: int = 64
 
     def __post_init__(self) -> None:
-        check(len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx', 'dsk'")
+        check(self.formats is None or len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx', 'dsk'")
 
 
 @dataclass(frozen=True)

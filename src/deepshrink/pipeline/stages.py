@@ -99,7 +99,7 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
         jobs.insert(0, (FP32, state.baseline, None))
     lines = []
     for role, module, macs in jobs:
-        for fmt in config.formats:
+        for fmt in config.formats or (ctx.target.export_format,):
             path = ctx.out_dir / f"{role}.{fmt}"
             result = export(module, path, example_input=example, target=ctx.target, macs=macs)
             state.exports[f"{role} .{fmt}"] = {
