@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from deepshrink.core.timing import time_calls
 from deepshrink.evaluation.counting import count_macs, onnx_parameter_counts, parameter_counts
 from deepshrink.evaluation.runners import EagerRunner, open_runner
 from deepshrink.formats.sidecar import read_sidecar
@@ -47,14 +47,7 @@ class Metrics:
 
 def measure_latency(predict, x: torch.Tensor, *, runs: int, warmup: int) -> list[float]:
     """Per-call wall times in ms of ``predict(x)`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        predict(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        predict(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return time_calls(predict, x, runs=runs, warmup=warmup)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -10,12 +10,13 @@ a report can show them.
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from deepshrink.core.timing import time_calls
 
 
 class CsrLinear(nn.Module):
@@ -59,14 +60,7 @@ class LayerDecision:
 
 
 def _median_us(fn, x: torch.Tensor, runs: int) -> float:
-    for _ in range(max(runs // 10, 5)):
-        fn(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+    return 1e3 * statistics.median(time_calls(fn, x, runs=runs, warmup=max(runs // 10, 5)))
 
 
 @torch.no_grad()
