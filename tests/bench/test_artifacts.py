@@ -1,0 +1,29 @@
+"""Every committed benchmark artifact reproduces the numbers its results table claims.
+
+Each row: the artifact, its dataset, the test error (%) and non-zero parameter count stated in
+bench/results/*.md. Measured here in the artifact's own runtime on the full official test split.
+"""
+from pathlib import Path
+
+import pytest
+
+from deepshrink.data import load
+from deepshrink.evaluation import evaluate
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "bench" / "artifacts"
+
+CLAIMS = [
+    # (file, dataset, test error %, non-zero parameters or None, results table)
+    ("lenet-300-100-pruned.dsk", "mnist", 1.64, 13_720, "pruning.md"),
+]
+
+
+@pytest.mark.parametrize("name, dataset, error, nonzero, table", CLAIMS, ids=[c[0] for c in CLAIMS])
+def test_artifact_reproduces_its_claim(name, dataset, error, nonzero, table, shared_data):
+    data = load(dataset, data_dir=shared_data / dataset)
+    metrics = evaluate(ARTIFACTS / name, data.test, latency_runs=0)
+    assert metrics.test_samples == 10_000
+    assert round(100 * (1 - metrics.accuracy), 2) == pytest.approx(error, abs=1e-9)
+    if nonzero is not None:
+        assert metrics.nonzero_params == nonzero
+    assert f"{error:.2f} %" in (ARTIFACTS.parent / "results" / table).read_text()
