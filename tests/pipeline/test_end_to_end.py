@@ -114,3 +114,26 @@ def test_pruned_float_model_as_dsk_with_sparse_compute_decisions(tmp_path, digit
     assert "Sparse compute, compressed .dsk" in result.report_path.read_text()
     rounds = result.state.log[1]["summary"]["rounds"]
     assert [(r["epoch"], r["sparsity"]) for r in rounds] == [(0, 0.8), (1, 0.95)]
+
+
+def test_sensitivity_proposes_per_layer_sparsities_and_is_plotted(tmp_path, digits):
+    recipe = parse_recipe({
+        "name": "sens", "model": "lenet-300-100", "data": {"name": "digits"},
+        "stages": [
+            {"train": {"epochs": 2}},
+            {"prune": {"method": "magnitude", "sparsity": 0.9, "skip_classifier": False,
+                       "sensitivity": {"sparsities": [0.5, 0.9, 0.98]}}},
+            {"evaluate": {"latency_runs": 0}},
+            {"report": {}},
+        ],
+    })
+    result = run_recipe(recipe, tmp_path, data=digits, progress=False, log=lambda m: None)
+    summary = result.state.log[1]["summary"]
+    proposed = summary["sensitivity"]["proposed"]
+    assert set(proposed) == {"hidden.0", "hidden.1", "classifier"}
+    # the proposal is what was applied, and it reaches the 90 % target over the pruned layers
+    for layer, info in summary["layers"].items():
+        assert info["kept"] == info["total"] - round(proposed[layer] * info["total"])
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert "Per-layer pruning sensitivity" not in result.report_path.read_text()  # title is inside the PNG
+    assert "sensitivity</h3><img" in result.report_path.read_text()

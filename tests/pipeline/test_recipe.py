@@ -64,3 +64,13 @@ def test_scheduled_prune_round_trips_and_needs_retrain():
     bad = base(stages=[{"prune": {"method": "magnitude", "schedule": {"cubic": {}}, "retrain": {}}}])
     with pytest.raises(ConfigError, match=r"^stages\[0\]\.prune\.schedule\.cubic: unknown schedule; choose one of one-shot, iterative, gradual"):
         parse_recipe(bad)
+
+
+def test_sensitivity_options_are_validated():
+    ok = parse_recipe(base(stages=[{"prune": {"method": "magnitude", "sensitivity": {"sparsities": [0.5, 0.9]}}}]))
+    assert ok.stages[0].config.sensitivity.sparsities == (0.5, 0.9)
+    assert parse_recipe(ok.as_dict()) == ok
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.prune\.sensitivity\.sparsities\[0\]: 1\.0 is outside \(0, 1\)$"):
+        parse_recipe(base(stages=[{"prune": {"method": "magnitude", "sensitivity": {"sparsities": [1.0]}}}]))
+    with pytest.raises(ConfigError, match=r"remove overrides or sensitivity"):
+        parse_recipe(base(stages=[{"prune": {"method": "magnitude", "overrides": {"fc1": 0.5}, "sensitivity": {}}}]))

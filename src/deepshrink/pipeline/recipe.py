@@ -82,6 +82,21 @@ class EvaluateStage:
 
 
 @dataclass(frozen=True)
+class SensitivityOptions:
+    """Measure each layer's val accuracy when pruned alone at ``sparsities``, then prune with the
+    per-layer sparsities that reach the stage's target (or stay within ``max_drop``, a fraction)
+    at the least predicted loss."""
+
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+    max_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        for i, value in enumerate(self.sparsities):
+            check(0.0 < value < 1.0, f"sparsities[{i}]", f"{value} is outside (0, 1)")
+        check(self.max_drop is None or self.max_drop >= 0, "max_drop", "must be >= 0 (e.g. 0.01 for one point)")
+
+
+@dataclass(frozen=True)
 class PruneStage:
     """A pruning config (chosen by ``method``), optionally on a schedule with retraining.
 
@@ -93,6 +108,7 @@ class PruneStage:
     pruning: Any
     schedule: Any = None
     retrain: TrainConfig | None = None
+    sensitivity: SensitivityOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,8 @@ class Stage:
                 body["schedule"] = {_name_of(SCHEDULES, self.config.schedule): to_dict(self.config.schedule)}
             if self.config.retrain is not None:
                 body["retrain"] = to_dict(self.config.retrain)
+            if self.config.sensitivity is not None:
+                body["sensitivity"] = to_dict(self.config.sensitivity)
         elif self.kind == "quantize":
             body = {"scheme": _name_of(QUANT_SCHEMES, self.config), **body}
         return {self.kind: body}
@@ -185,6 +203,7 @@ def parse_stage(item: Any, path: str) -> Stage:
 def parse_prune(body: dict, path: str) -> PruneStage:
     body = dict(body)
     schedule_raw, retrain_raw = body.pop("schedule", None), body.pop("retrain", None)
+    sensitivity_raw = body.pop("sensitivity", None)
     klass, body = _pick(PRUNE_METHODS, "method", body, path)
     pruning = from_dict(klass, body, path)
     schedule = None
@@ -198,7 +217,10 @@ def parse_prune(body: dict, path: str) -> PruneStage:
     retrain = None if retrain_raw is None else from_dict(TrainConfig, retrain_raw, f"{path}.retrain")
     if schedule is not None and retrain is None:
         raise ConfigError(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
-    return PruneStage(pruning, schedule, retrain)
+    sensitivity = None if sensitivity_raw is None else from_dict(SensitivityOptions, sensitivity_raw, f"{path}.sensitivity")
+    if sensitivity is not None and pruning.overrides:
+        raise ConfigError(f"{path}.sensitivity: proposes per-layer sparsities itself; remove overrides or sensitivity")
+    return PruneStage(pruning, schedule, retrain, sensitivity)
 
 
 def parse_recipe(raw: Any) -> Recipe:

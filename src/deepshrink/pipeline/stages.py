@@ -13,7 +13,7 @@ from deepshrink.models.loading import load_checkpoint
 from deepshrink.pipeline.metrics_doc import build_metrics, write_metrics
 from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, PruneStage, Recipe, ReportStage
 from deepshrink.pipeline.state import RunState
-from deepshrink.pruning import finalize, prune, prune_with_schedule
+from deepshrink.pruning import finalize, layer_sensitivity, predicted_drop, propose_sparsities, prune, prune_with_schedule
 from deepshrink.quantization import quantize
 from deepshrink.training import TrainConfig, accuracy, fit
 
@@ -53,20 +53,38 @@ def _load(state: RunState, config: LoadStage, ctx) -> dict:
     return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"test accuracy {acc:.2%}"}
 
 
+def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict]:
+    """The pruning config with per-layer sparsities proposed from measured sensitivity curves."""
+    import dataclasses
+
+    options = stage.sensitivity
+    curves = layer_sensitivity(state.model, data, tuple(options.sparsities), criterion=stage.pruning)
+    if options.max_drop is not None:
+        proposal = propose_sparsities(curves, max_drop=options.max_drop)
+    else:
+        proposal = propose_sparsities(curves, target_sparsity=stage.pruning.sparsity)
+    config = dataclasses.replace(stage.pruning, overrides={name: round(s, 6) for name, s in proposal.items()})
+    return config, {"curves": curves.as_dict(), "proposed": proposal, "predicted_drop": predicted_drop(curves, proposal)}
+
+
 def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
     _baseline(state, ctx)
+    config, extra = stage.pruning, {}
+    if stage.sensitivity is not None:
+        config, extra = _sensitivity(state, stage, ctx.data)
+        extra = {"sensitivity": extra}
     if stage.schedule is None:
-        report = prune(state.model, stage.pruning, data=ctx.data)
+        report = prune(state.model, config, data=ctx.data)
         acc = _test_accuracy(state.model, ctx)
-        return {**report.as_dict(), "test_accuracy_before_finetune": acc,
+        return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc,
                 "line": f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%} before fine-tuning"}
     teacher = state.baseline if stage.retrain.distill is not None else None
-    steps = prune_with_schedule(state.model, stage.pruning, stage.schedule, data=ctx.data, train_config=stage.retrain,
+    steps = prune_with_schedule(state.model, config, stage.schedule, data=ctx.data, train_config=stage.retrain,
                                 teacher=teacher, progress=ctx.progress)
     report = next(s.report for s in reversed(steps) if s.report is not None)
     acc = _test_accuracy(state.model, ctx)
     rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": s.history.val_accuracy} for s in steps]
-    return {**report.as_dict(), "rounds": rounds, "test_accuracy": acc,
+    return {**report.as_dict(), **extra, "rounds": rounds, "test_accuracy": acc,
             "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, test accuracy {acc:.2%}"}
 
 

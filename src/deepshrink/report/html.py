@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from deepshrink.core.io import atomic_write_text
-from deepshrink.report.plots import accuracy_vs_size
+from deepshrink.report.plots import accuracy_vs_size, sensitivity_curves
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
@@ -64,6 +64,12 @@ def _stage_sections(stages: list[dict]) -> str:
         if layers:
             layer_rows = [[html.escape(n), _fmt(d["kept"]), _fmt(d["total"]), _fmt(1 - d["kept"] / d["total"], "pct")]
                           for n, d in layers.items()]
+            sens = s["summary"].get("sensitivity")
+            if sens:
+                plot = sensitivity_curves(sens["curves"], sens["proposed"])
+                parts.append(f"<h3>Pruning, stage {s['index'] + 1}: sensitivity</h3><img alt='sensitivity' src='{plot}'>"
+                             f"<p>Predicted accuracy drop of the proposal: {100 * sens['predicted_drop']:.2f} pt "
+                             "(per-layer drops added, linear between measured points).</p>")
             parts.append(f"<h3>Pruning, stage {s['index'] + 1}: per layer</h3>")
             parts.append(_table(["layer", "kept", "total", "sparsity"], layer_rows))
     for s in stages:

@@ -40,3 +40,21 @@ def accuracy_vs_size(variants: dict[str, dict]) -> str | None:
     ax.grid(True, alpha=0.3)
     ax.set_title("Accuracy against size")
     return png_data_uri(fig)
+
+
+def sensitivity_curves(curves: dict, proposed: dict[str, float]) -> str:
+    """Val accuracy against sparsity, one line per layer pruned alone; the proposal marked."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for layer, points in curves["accuracy"].items():
+        xs = [0.0] + [float(s) for s in points]
+        ys = [100 * curves["baseline"]] + [100 * a for a in points.values()]
+        line, = ax.plot([100 * x for x in xs], ys, marker=".", label=f"{layer} ({curves['sizes'][layer]:,} w)")
+        if layer in proposed:
+            ax.axvline(100 * proposed[layer], color=line.get_color(), linestyle=":", alpha=0.7)
+    ax.set_xlabel("sparsity of that layer alone (%); dotted: proposed")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Per-layer pruning sensitivity")
+    return png_data_uri(fig)
