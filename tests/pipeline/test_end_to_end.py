@@ -137,3 +137,29 @@ def test_sensitivity_proposes_per_layer_sparsities_and_is_plotted(tmp_path, digi
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert "Per-layer pruning sensitivity" not in result.report_path.read_text()  # title is inside the PNG
     assert "sensitivity</h3><img" in result.report_path.read_text()
+
+
+def test_prune_then_codebook_into_dsk(tmp_path, digits):
+    recipe = parse_recipe({
+        "name": "dc", "model": "lenet-300-100", "data": {"name": "digits"},
+        "stages": [
+            {"train": {"epochs": 2}},
+            {"prune": {"method": "magnitude", "sparsity": 0.9, "skip_classifier": False}},
+            {"quantize": {"scheme": "codebook", "method": "kmeans", "bits": 4}},
+            {"export": {"formats": ["dsk"]}},
+            {"evaluate": {"latency_runs": 0}},
+        ],
+    })
+    result = run_recipe(recipe, tmp_path, data=digits, progress=False, log=lambda m: None)
+    v = result.state.variants
+    assert v["compressed .dsk"]["accuracy"] == v["compressed eager (simulated quantized)"]["accuracy"]
+    # 10 % of 266,200 weights at 4-bit indices + positions, biases fp32: > 20x under dense fp32
+    assert v["compressed .dsk"]["file_bytes"] * 20 < 4 * 266_610
+    assert result.state.log[2]["summary"]["weights"]["hidden.0.weight"] == "CodebookWeight 4-bit"
+    # the run state kept the codes: resuming after the quantize stage exports the same bytes
+    first = (tmp_path / "compressed.dsk").read_bytes()
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["model_file"] == "model.dsk"
+    (tmp_path / "state" / "state.json").write_text(json.dumps({**state, "completed": 3}))
+    run_recipe(recipe, tmp_path, resume=True, data=digits, progress=False, log=lambda m: None)
+    assert (tmp_path / "compressed.dsk").read_bytes() == first

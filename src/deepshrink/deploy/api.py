@@ -85,8 +85,11 @@ def _write_dsk(model: nn.Module, path: Path, example_input: torch.Tensor) -> lis
 
     if isinstance(model, torch.fx.GraphModule):
         raise ExportError(f"{path}: a quantized graph cannot be stored as .dsk; store the float (pruned/codebook) model, or export .pte/.onnx")
+    from deepshrink.quantization.lowbit import quantized_weights, save_compressed
+
     try:
-        save_checkpoint(model, path)
+        # low-bit weights are stored as codes (+ scales or codebooks); anything else as dense/sparse floats
+        save_compressed(model, path) if quantized_weights(model) else save_checkpoint(model, path)
     except Exception as err:
         raise ExportError(f"{path}: {err}") from None
     decisions = choose_sparse_compute(copy.deepcopy(model), example_input)

@@ -21,6 +21,10 @@ from deepshrink.core.io import atomic_path
 from deepshrink.formats.checkpoint import read_checkpoint, write_checkpoint
 from deepshrink.models.zoo import ZOO, create, get_arch, set_arch
 
+# .dsk layouts written by higher layers (metadata "format" -> module with load_compressed), imported
+# by name only when such a file is loaded, so this module depends on none of them
+DSK_LAYOUTS = {"deepshrink.lowbit": "deepshrink.quantization.lowbit.storage"}
+
 
 def load(spec: str | os.PathLike, **kwargs: Any) -> nn.Module:
     text = str(spec)
@@ -99,6 +103,8 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module:
             from deepshrink.formats.container import read_container
 
             tensors, meta = read_container(path)  # codebooks and sparse positions decode to dense tensors
+            if meta.get("format") in DSK_LAYOUTS:
+                return importlib.import_module(DSK_LAYOUTS[meta["format"]]).load_compressed(path)
         else:
             tensors, meta = read_checkpoint(path)
     except ArtifactError as err:

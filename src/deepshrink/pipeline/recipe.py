@@ -31,13 +31,17 @@ from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
 from deepshrink.pruning import Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning
 from deepshrink.quantization import Int8Dynamic, Int8Static
+from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT
 from deepshrink.training import TrainConfig
 
 PRUNE_METHODS: dict[str, type] = {
     "magnitude": MagnitudePruning, "gradient": GradientPruning, "taylor": TaylorPruning, "random": RandomPruning,
 }
 SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}
-QUANT_SCHEMES: dict[str, type] = {"int8-static": Int8Static, "int8-dynamic": Int8Dynamic}
+QUANT_SCHEMES: dict[str, type] = {
+    "int8-static": Int8Static, "int8-dynamic": Int8Dynamic,
+    "weight-only": WeightOnly, "weight-qat": WeightQAT, "codebook": Codebook,
+}
 
 
 @dataclass(frozen=True)

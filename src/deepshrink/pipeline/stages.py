@@ -15,6 +15,7 @@ from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, Pr
 from deepshrink.pipeline.state import RunState
 from deepshrink.pruning import finalize, layer_sensitivity, predicted_drop, propose_sparsities, prune, prune_with_schedule
 from deepshrink.quantization import quantize
+from deepshrink.quantization.lowbit import quantized_weights
 from deepshrink.training import TrainConfig, accuracy, fit
 
 FP32, COMPRESSED = "fp32", "compressed"
@@ -105,7 +106,10 @@ def _quantize(state: RunState, config, ctx) -> dict:
     state.model = quantize(state.model, config, data=ctx.data, target=ctx.target)
     state.quantization = dict(state.model._deepshrink_quant)
     acc = _test_accuracy(state.model, ctx)
-    return {"scheme": state.quantization["scheme"], "simulated_test_accuracy": acc,
+    lowbit = quantized_weights(state.model)
+    if lowbit:
+        state.quantization["weights"] = {name: f"{type(qw).__name__} {qw.bits}-bit" for name, qw in lowbit.items()}
+    return {**state.quantization, "simulated_test_accuracy": acc,
             "line": f"simulated (PyTorch) test accuracy {acc:.2%}"}
 
 

@@ -35,8 +35,14 @@ class RunState:
 def save_state(state: RunState, directory: Path, fingerprint: str, example_input: torch.Tensor) -> None:
     """Write the model(s) first, then ``state.json`` last: a crash in between leaves the old state."""
     directory.mkdir(parents=True, exist_ok=True)
-    if state.quantization is not None:
+    from deepshrink.quantization.lowbit import quantized_weights, save_compressed
+
+    for stale in ("model.pt2", "model.dsk", "model.safetensors"):
+        (directory / stale).unlink(missing_ok=True)
+    if isinstance(state.model, torch.fx.GraphModule):
         model_file = save_checkpoint(state.model, directory / "model.pt2", example_input=example_input).name
+    elif quantized_weights(state.model):  # low-bit weights keep their codes across a resume
+        model_file = save_compressed(state.model, directory / "model.dsk").name
     else:
         model_file = save_checkpoint(state.model, directory / "model.safetensors").name
     masks = get_masks(state.model)

@@ -1,0 +1,115 @@
+"""Codebook (weight-sharing) quantization and Deep Compression's centroid fine-tuning.
+
+Fine-tuning trains the levels, not the weights: during training each selected weight is a
+parametrization ``codebook[indices]`` (pruned positions fixed at 0) whose backward pass sums
+the gradients of each level's members (``ops.nonuniform.centroid_gradients``, Han et al. 2016
+eq. 3). The float parameters that are not low-bit (biases, layers left in float) train too.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from deepshrink.core.errors import ConfigError
+from deepshrink.data.splits import DataSplits
+from deepshrink.ops.nonuniform import centroid_gradients, decode
+from deepshrink.quantization.lowbit.configs import Codebook
+from deepshrink.quantization.lowbit.weights import (CodebookWeight, fit_codebook, layer_widths, masks_detached,
+                                                    present_mask, quantized_weights, set_quantized)
+from deepshrink.training import TrainConfig, fit
+
+
+def codebook_quantize_(model: nn.Module, config: Codebook, *, data: DataSplits | None = None) -> nn.Module:
+    """Replace each selected layer's weights by one codebook of ``2^bits`` levels, in place;
+    then, if ``config.finetune_epochs``, fine-tune the levels on ``data.train``."""
+    widths = layer_widths(model, config.bits, config.layers, what="Codebook")
+    if config.finetune_epochs and data is None:
+        raise ConfigError(f"Codebook.finetune_epochs: {config.finetune_epochs} needs training data; "
+                          "pass data=... or set finetune_epochs: 0")
+    modules = dict(model.named_modules())
+    fitted = {}
+    for name, bits in widths.items():
+        weight = modules[name].weight
+        mask = present_mask(model, f"{name}.weight", weight)
+        fitted[name] = fit_codebook(weight, method=config.method, bits=bits, mask=mask,
+                                    kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, layer=name)
+    for name, qw in fitted.items():
+        set_quantized(model, f"{name}.weight", modules[name].weight, qw)
+    if config.finetune_epochs:
+        finetune_codebooks(model, data, layers=list(fitted), train=TrainConfig(
+            epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=config.batch_size, seed=config.seed))
+    return model
+
+
+def finetune_codebooks(model: nn.Module, data: DataSplits, *, layers: list[str], train: TrainConfig) -> nn.Module:
+    """Train the codebooks of ``layers`` (already codebook-quantized) with ``fit``, in place.
+
+    Other low-bit weights are frozen so their codes stay valid; the indices never change.
+    """
+    record = quantized_weights(model)
+    modules = dict(model.named_modules())
+    for name in layers:
+        if not isinstance(record.get(f"{name}.weight"), CodebookWeight):
+            raise ConfigError(f"finetune_codebooks: layer {name} has no codebook; quantize it with Codebook first")
+    frozen = [modules[n.rsplit(".", 1)[0]].weight for n in record if n.rsplit(".", 1)[0] not in layers]
+    with _frozen(frozen), masks_detached(model):
+        for name in layers:
+            parametrize.register_parametrization(modules[name], "weight", _SharedWeight(record[f"{name}.weight"]))
+        try:
+            fit(model, data, train, progress=False)
+        finally:
+            trained = {name: modules[name].parametrizations.weight[0] for name in layers}
+            for name in layers:
+                parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+    for name, shared in trained.items():
+        old = record[f"{name}.weight"]
+        weight = modules[name].weight
+        new = CodebookWeight(old.method, old.bits, shared.codebook.detach().to(weight.dtype).clone(),
+                             old.indices, old.mask)
+        set_quantized(model, f"{name}.weight", weight, new)
+    return model
+
+
+class _SharedWeight(nn.Module):
+    """Parametrization ``weight = codebook[indices]``; the float weight it replaces is ignored."""
+
+    def __init__(self, qw: CodebookWeight) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(qw.codebook.detach().clone())
+        self.register_buffer("indices", qw.indices.clone())
+        self.register_buffer("mask", qw.mask.clone() if qw.mask is not None else None)
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        return _DecodeShared.apply(self.codebook, self.indices, self.mask)
+
+
+class _DecodeShared(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codebook, indices, mask):
+        ctx.save_for_backward(indices, mask)
+        ctx.n_levels = codebook.numel()
+        return decode(codebook, indices, mask=mask)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        indices, mask = ctx.saved_tensors
+        return centroid_gradients(grad_w, indices, ctx.n_levels, mask=mask), None, None
+
+
+@contextlib.contextmanager
+def _frozen(params: list[nn.Parameter]) -> Iterator[None]:
+    previous = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, previous):
+            p.requires_grad_(flag)
+
+
+__all__ = ["codebook_quantize_", "finetune_codebooks"]
