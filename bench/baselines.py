@@ -16,7 +16,7 @@ CACHE = REPO / "bench" / ".cache"
 # Adam + cosine decay; no augmentation (as in the papers' MNIST setups)
 RECIPES = {
     "lenet-300-100": dict(epochs=30, lr=1e-3, batch_size=128, weight_decay=0.0),
-    "lenet-5": dict(epochs=20, lr=1e-3, batch_size=128, weight_decay=0.0),
+    "lenet-5": dict(epochs=4, lr=1e-3, batch_size=64, weight_decay=0.0),
 }
 
 
