@@ -27,11 +27,15 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     import logging
     import warnings
 
+    from deepshrink.quantization.onnx_ops import dynamic_quant_translations
+
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+            # dynamic int8 graphs use choose_qparams, which the exporter cannot translate by itself
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False,
+                                             custom_translation_table=dynamic_quant_translations())
     except Exception as err:
         raise ExportError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     with atomic_path(path) as tmp:

@@ -1,4 +1,9 @@
-"""Quantization configs: one frozen dataclass per scheme, dispatched by type."""
+"""Quantization configs: one frozen dataclass per scheme, dispatched by type.
+
+``fp32_layers`` (every scheme): module names or ``re:`` patterns left in float, e.g.
+``("conv1", "re:classifier.*")`` — the escape hatch for the one layer that breaks; a pattern
+that matches no module is an error at ``quantize`` time.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,26 +11,82 @@ from typing import Literal
 
 from deepshrink.core.config import check
 
+Calibration = Literal["minmax", "histogram", "percentile", "mse", "entropy"]
+Equalization = Literal["none", "cle", "cle_relu6_as_relu"]
+DEFAULT_PERCENTILE = 99.99
+
 
 @dataclass(frozen=True)
 class Int8Static:
     """W8A8 post-training quantization: int8 weights, int8 activations calibrated on data.
 
-    ``calibration``: how activation ranges are chosen from the calibration samples —
-    ``histogram`` (minimise the L2 error of a histogram, XNNPACK's default) or ``minmax``.
+    ``calibration`` picks each activation's range from a histogram of ``calibration_samples``
+    samples of ``data.calib``:
+
+    - ``minmax``: the observed min and max (an outlier stretches the grid for everyone);
+    - ``histogram``: the range minimising the L2 error of the histogram (PyTorch's search,
+      XNNPACK's default);
+    - ``percentile``: clip both tails at ``percentile`` (99.99 keeps all but 1 in 10,000);
+    - ``mse``: grid search for the range of least expected squared error (rounding + clipping);
+    - ``entropy``: the clipping threshold of least KL divergence (TensorRT's calibration).
+
     ``per_channel``: one weight scale per output channel; ``None`` takes the target's setting.
+    ``bias_correction``: after conversion, add to each layer's bias the mean output error
+    (float minus quantized) over the calibration samples, layer by layer (empirical bias
+    correction, Nagel et al. 2019 §4.2); it lives in the bias, so it survives export.
+    ``equalization``: cross-layer equalization before quantization: ``cle`` rescales
+    conv/linear pairs joined by ReLU (exact in float); ``cle_relu6_as_relu`` also equalizes
+    across ReLU6/hardtanh by replacing them with ReLU, as Nagel et al. do for MobileNetV2
+    (this changes the float model).
     """
 
-    calibration: Literal["histogram", "minmax"] = "histogram"
+    calibration: Calibration = "histogram"
+    percentile: float = DEFAULT_PERCENTILE
     calibration_samples: int = 256
     per_channel: bool | None = None
+    bias_correction: bool = False
+    equalization: Equalization = "none"
+    fp32_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check(self.calibration_samples >= 1, "calibration_samples", f"{self.calibration_samples} must be >= 1")
+        check(50.0 < self.percentile <= 100.0, "percentile",
+              f"{self.percentile} is outside (50, 100]; it is the share of values kept, e.g. 99.99")
+        check(self.calibration == "percentile" or self.percentile == DEFAULT_PERCENTILE, "percentile",
+              f"{self.percentile} has no effect with calibration={self.calibration!r}; set calibration='percentile' or drop it")
 
 
 @dataclass(frozen=True)
 class Int8Dynamic:
-    """Int8 weights; activations quantized per batch at run time (no calibration needed)."""
+    """Int8 weights; activations quantized per batch at run time (no calibration needed).
+
+    XNNPACK runs dynamically quantized linears and 2-D convolutions only with per-channel
+    weights, so ``per_channel=False`` is refused for the ``xnnpack`` target.
+    """
 
     per_channel: bool | None = None
+    fp32_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Int8QAT:
+    """Quantization-aware training: fake-quantized W8A8 fine-tuning, then conversion to int8.
+
+    The training loop is ``deepshrink.training.fit`` on the fake-quantized graph (batch norm
+    stays live and is folded at conversion). ``epochs`` over ``data.train``; the optimizer,
+    schedule and batch size are those of ``TrainConfig``.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = 64
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    per_channel: bool | None = None
+    fp32_layers: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", f"{self.epochs} must be >= 1; use Int8Static for no training")
+        check(self.lr > 0, "lr", f"{self.lr} must be > 0")
+        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")

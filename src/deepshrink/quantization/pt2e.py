@@ -1,29 +1,27 @@
-"""PT2E quantization (torchao) with ExecuTorch's XNNPACK quantizer, driven by the target profile."""
+"""Post-training int8 through PT2E (torchao) with the XNNPACK quantizer, driven by the target.
+
+Static: float graph (batch norm and padding folded, optional CLE) -> prepare -> calibrate ->
+convert -> optional bias correction. Dynamic: prepare -> one forward so the weight observers
+see the weights -> convert. Both record what they did in ``model._deepshrink_quant``.
+"""
 from __future__ import annotations
 
-import dataclasses
+import copy
 
 import torch
 from torch import nn
 
-from deepshrink.core.graph import capture
+from deepshrink.core.errors import ConfigError
+from deepshrink.core.selection import select
 from deepshrink.core.targets import TargetProfile
 from deepshrink.data.splits import DataSplits
-
-
-def xnnpack_quantizer(*, per_channel: bool, dynamic: bool, calibration: str = "histogram"):
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-    from torchao.quantization.pt2e import MinMaxObserver
-
-    config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic)
-    if calibration == "minmax" and not dynamic:
-        act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
-        config = dataclasses.replace(config, input_activation=act, output_activation=act)
-    return XNNPACKQuantizer().set_global(config)
+from deepshrink.quantization.configs import Int8Dynamic, Int8Static
+from deepshrink.quantization.quantizer import build_quantizer, layer_name, quantization_config
 
 
 @torch.no_grad()
 def calibrate(prepared: nn.Module, data: DataSplits, samples: int, batch_size: int = 64) -> int:
+    """Run up to ``samples`` samples of ``data.calib`` through ``prepared``; returns how many ran."""
     seen = 0
     for x, _ in data.loader("calib", batch_size=batch_size):
         take = min(len(x), samples - seen)
@@ -34,21 +32,104 @@ def calibrate(prepared: nn.Module, data: DataSplits, samples: int, batch_size: i
     return seen
 
 
-def quantize_pt2e(
-    model: nn.Module,
-    data: DataSplits,
-    target: TargetProfile,
-    *,
-    per_channel: bool | None,
-    dynamic: bool,
-    calibration: str = "histogram",
-    calibration_samples: int = 0,
-) -> torch.fx.GraphModule:
+def check_fp32_layers(model: nn.Module, patterns: tuple[str, ...], *, what: str = "fp32_layers") -> tuple[str, ...]:
+    """Patterns must each match a module (a typo must not silently quantize everything)."""
+    if not patterns:
+        return ()
+    names = [name for name, _ in model.named_modules() if name]
+    return tuple(select(names, patterns, what=what))
+
+
+def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, target: TargetProfile) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    per_channel = target.quantizer.per_channel_weights if per_channel is None else per_channel
+    from deepshrink.quantization.graph_passes import float_graph
+
+    fp32 = check_fp32_layers(model, config.fp32_layers)
+    per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
+    graph, equalization = float_graph(model, data.example_input(), max_batch=target.max_batch, equalization=config.equalization)
+    reference = copy.deepcopy(graph) if config.bias_correction else None
+    quantizer = build_quantizer(
+        quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile),
+        fp32_layers=fp32,
+    )
+    prepared = prepare_pt2e(graph, quantizer)
+    seen = calibrate(prepared, data, config.calibration_samples)
+    ranges = activation_ranges_of(prepared)
+    converted = convert_pt2e(prepared)
+    details = {
+        "calibration": config.calibration, "calibration_samples_used": seen, "per_channel": per_channel,
+        "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32),
+    }
+    if reference is not None:
+        from deepshrink.quantization.bias_correction import calibration_batches, correct_bias
+
+        details["bias_correction"] = correct_bias(converted, reference, calibration_batches(data, config.calibration_samples))
+    object.__setattr__(converted, "_deepshrink_quant", details)
+    return converted
+
+
+def quantize_dynamic(model: nn.Module, config: Int8Dynamic, data: DataSplits, target: TargetProfile) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from deepshrink.core.graph import capture
+
+    per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
+    if not per_channel and target.export_format == "pte":
+        raise ConfigError(
+            "Int8Dynamic.per_channel: False is not runnable on XNNPACK (its dynamically quantized linear and conv "
+            "need one weight scale per output channel); use per_channel=True, or Int8Static for per-tensor weights"
+        )
+    fp32 = check_fp32_layers(model, config.fp32_layers)
     graph = capture(model, data.example_input(), max_batch=target.max_batch).module()
-    prepared = prepare_pt2e(graph, xnnpack_quantizer(per_channel=per_channel, dynamic=dynamic, calibration=calibration))
-    if not dynamic:
-        calibrate(prepared, data, calibration_samples)
-    return convert_pt2e(prepared)
+    prepared = prepare_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, dynamic=True), fp32_layers=fp32))
+    # weight observers record only when they run: without this pass every weight scale stays at its
+    # default (1.0 per tensor, one entry per channel) — the cause of the old export failures
+    with torch.no_grad():
+        prepared(data.example_input(2))
+    converted = convert_pt2e(prepared)
+    object.__setattr__(converted, "_deepshrink_quant", {"per_channel": per_channel, "fp32_layers": list(fp32)})
+    return converted
+
+
+def activation_ranges_of(prepared: torch.fx.GraphModule) -> list[dict]:
+    """Per activation observer (once per shared group): the node and layer it watches, the
+    observed min/max, the chosen range and the resulting ``scale``/``zero_point``.
+
+    ``min``/``max`` are the representable range ``[(qmin - zp) * scale, (qmax - zp) * scale]``:
+    what the int8 tensor can hold, after the range was stretched to include 0.
+    """
+    from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+
+    from deepshrink.quantization.observers import CalibrationObserver
+
+    rows, seen = [], set()
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(node.target)
+        if not isinstance(module, (ObserverBase, FakeQuantizeBase)) or id(module) in seen:
+            continue
+        watched = node.args[0]
+        observer = module.activation_post_process if isinstance(module, FakeQuantizeBase) else module
+        # weights (symmetric; in QAT computed from batch norm, so not always a get_attr) are not
+        # activations; dynamic ranges exist only at run time
+        if watched.op == "get_attr" or getattr(observer, "qscheme", None) != torch.per_tensor_affine or getattr(module, "is_dynamic", False):
+            continue
+        seen.add(id(module))
+        if not hasattr(observer, "min_val") or observer.min_val.numel() == 0 or torch.isinf(observer.min_val).any():
+            continue
+        scale, zero_point = module.calculate_qparams()
+        scale, zero_point = float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0])
+        qmin, qmax = observer.quant_min, observer.quant_max
+        chosen = observer.chosen_range() if isinstance(observer, CalibrationObserver) else (float(observer.min_val), float(observer.max_val))
+        rows.append({
+            "node": watched.name,
+            "layer": "input" if watched.op == "placeholder" else layer_name(watched),
+            "method": getattr(observer, "method", type(observer).__name__),
+            "observed_min": float(observer.min_val), "observed_max": float(observer.max_val),
+            "clip_min": chosen[0], "clip_max": chosen[1],
+            "min": (qmin - zero_point) * scale, "max": (qmax - zero_point) * scale,
+            "scale": scale, "zero_point": zero_point,
+        })
+    return rows

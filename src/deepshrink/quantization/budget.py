@@ -1,0 +1,103 @@
+"""Quantize within an accuracy budget: PTQ, then per-layer fp32 fallback, then QAT.
+
+Accuracy is top-1 on ``data.val`` of the simulated (PyTorch) quantized graph, against the
+float model on the same split; the drop is in percentage points. The fallback leaves, one at
+a time, the layer with the lowest SQNR on its own (``layer_sqnr_report``) in fp32, re-running
+PTQ each time; QAT (with the fallback layers found so far kept in float) is the last resort.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from deepshrink.core.errors import ConfigError
+from deepshrink.data.splits import DataSplits
+from deepshrink.quantization.configs import Int8QAT, Int8Static
+
+
+@dataclass(frozen=True)
+class BudgetStep:
+    action: str                      # "ptq", "fp32 fallback", "qat"
+    accuracy: float                  # on data.val, in [0, 1]
+    drop_pt: float                   # float accuracy minus this, percentage points
+    fp32_layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    max_drop_pt: float
+    float_accuracy: float
+    steps: tuple[BudgetStep, ...] = field(default_factory=tuple)
+    met: bool = False
+
+    @property
+    def final(self) -> BudgetStep:
+        return self.steps[-1]
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def lines(self) -> list[str]:
+        out = [f"float accuracy {self.float_accuracy:.2%} on val; budget {self.max_drop_pt:.2f} pt"]
+        for s in self.steps:
+            extra = f" (fp32: {', '.join(s.fp32_layers)})" if s.fp32_layers else ""
+            out.append(f"{s.action}: {s.accuracy:.2%}, drop {s.drop_pt:+.2f} pt{extra}")
+        out.append("budget met" if self.met else "budget NOT met: the returned model is the best one tried")
+        return out
+
+
+def quantize_within_budget(
+    model: nn.Module,
+    data: DataSplits,
+    *,
+    max_drop_pt: float,
+    target: str = "xnnpack",
+    ptq: Int8Static | None = None,
+    qat: Int8QAT | None = None,
+    max_fp32_layers: int = 3,
+    sensitivity_samples: int = 256,
+) -> tuple[nn.Module, BudgetReport]:
+    """The first model whose val accuracy drop is ``<= max_drop_pt``, and what was tried.
+
+    ``ptq``: the PTQ config to start from (default ``Int8Static()``); ``qat``: the QAT config
+    of the last step (default ``Int8QAT()``; pass ``Int8QAT(epochs=...)`` to control cost).
+    ``max_fp32_layers``: how many layers the fallback may leave in float before QAT.
+    If nothing meets the budget, the most accurate model is returned with ``met=False``.
+    """
+    from deepshrink.quantization.api import quantize
+    from deepshrink.quantization.report import layer_sqnr_report
+    from deepshrink.training import accuracy
+
+    if not max_drop_pt >= 0:
+        raise ConfigError(f"max_drop_pt: {max_drop_pt} must be >= 0 (percentage points of accuracy)")
+    if max_fp32_layers < 0:
+        raise ConfigError(f"max_fp32_layers: {max_fp32_layers} must be >= 0")
+    ptq = ptq or Int8Static()
+    qat = qat or Int8QAT()
+    val = data.loader("val", batch_size=512)
+    float_acc = accuracy(model, val)
+    steps: list[BudgetStep] = []
+    tried: list[tuple[float, nn.Module]] = []
+
+    def attempt(action: str, config) -> bool:
+        quantized = quantize(model, config, data=data, target=target)
+        acc = accuracy(quantized, val)
+        steps.append(BudgetStep(action, acc, 100.0 * (float_acc - acc), tuple(config.fp32_layers)))
+        tried.append((acc, quantized))
+        return steps[-1].drop_pt <= max_drop_pt
+
+    met = attempt("ptq", ptq)
+    fp32: list[str] = list(ptq.fp32_layers)
+    while not met and len(fp32) - len(ptq.fp32_layers) < max_fp32_layers:
+        # sensitivity in the latest PTQ model: the lowest SQNR on its own among layers still quantized
+        rows = [r for r in layer_sqnr_report(model, tried[-1][1], data, samples=sensitivity_samples) if r.layer not in fp32]
+        if not rows:
+            break
+        fp32.append(min(rows, key=lambda r: r.layer_sqnr_db).layer)
+        met = attempt("fp32 fallback", dataclasses.replace(ptq, fp32_layers=tuple(fp32)))
+    if not met:
+        met = attempt("qat", dataclasses.replace(qat, fp32_layers=tuple(fp32)))
+    chosen = tried[-1][1] if met else max(tried, key=lambda t: t[0])[1]
+    return chosen, BudgetReport(max_drop_pt=max_drop_pt, float_accuracy=float_acc, steps=tuple(steps), met=met)

@@ -1,0 +1,88 @@
+"""Quantization-aware training through PT2E: ``prepare_qat_pt2e`` -> ``training.fit`` -> ``convert_pt2e``.
+
+The graph is exported in training mode (batch norm live, so the quantizer's conv-bn patterns
+fold it QAT-style); ``model.train()``/``model.eval()`` on the graph switch batch norm and
+dropout (torchao's ``move_exported_model_to_train/eval``) and turn the observers on/off, so
+validation inside ``fit`` does not move the ranges.
+"""
+from __future__ import annotations
+
+import copy
+import types
+
+import torch
+from torch import nn
+
+from deepshrink.core.errors import ExportError
+from deepshrink.core.targets import TargetProfile
+from deepshrink.data.splits import DataSplits
+from deepshrink.quantization.configs import Int8QAT
+from deepshrink.quantization.graph_passes import fold_padding_into_conv
+from deepshrink.quantization.pt2e import activation_ranges_of, check_fp32_layers
+from deepshrink.quantization.quantizer import build_quantizer, quantization_config
+
+
+def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: TargetProfile, *, progress: bool | None = None) -> torch.fx.GraphModule:
+    """The fake-quantized graph after ``config.epochs`` of training (``model`` is not modified).
+
+    Its outputs are what the converted int8 model should reproduce; ``finalize_qat`` converts it.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from deepshrink.training import TrainConfig, fit
+
+    fp32 = check_fp32_layers(model, config.fp32_layers)
+    per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
+    graph = capture_for_training(copy.deepcopy(model), data.example_input(), max_batch=target.max_batch)
+    fold_padding_into_conv(graph)
+    prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True), fp32_layers=fp32))
+    allow_train_eval(prepared)
+    train = TrainConfig(
+        epochs=config.epochs, lr=config.lr, optimizer=config.optimizer, batch_size=config.batch_size,
+        lr_schedule=config.lr_schedule, seed=config.seed,
+    )
+    history = fit(prepared, data, train, progress=progress)
+    prepared.eval()
+    object.__setattr__(prepared, "_deepshrink_quant", {
+        "per_channel": per_channel, "fp32_layers": list(fp32), "qat_val_accuracy": history.val_accuracy,
+    })
+    return prepared
+
+
+def finalize_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Convert a trained fake-quantized graph to the int8 (Q/DQ) graph the runtimes lower."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    prepared.eval()
+    details = dict(getattr(prepared, "_deepshrink_quant", {}))
+    details["activation_ranges"] = activation_ranges_of(prepared)
+    converted = convert_pt2e(copy.deepcopy(prepared))
+    object.__setattr__(converted, "_deepshrink_quant", details)
+    return converted
+
+
+def capture_for_training(model: nn.Module, example: torch.Tensor, *, max_batch: int) -> torch.fx.GraphModule:
+    """``torch.export`` in training mode with a free batch dimension (cf. ``core.graph.capture``)."""
+    example = example[:1].expand(2, *example.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    model.train()
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False).module()
+    except Exception as err:  # torch.export raises many types; name the cause in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"torch.export could not capture {type(model).__name__} for QAT: {first}") from err
+
+
+def allow_train_eval(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e import (
+        disable_observer, enable_observer, move_exported_model_to_eval, move_exported_model_to_train,
+    )
+
+    def train(self, mode: bool = True):
+        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
+        self.apply(enable_observer if mode else disable_observer)
+        return self
+
+    prepared.train = types.MethodType(train, prepared)
+    prepared.eval = types.MethodType(lambda self: self.train(False), prepared)
+    return prepared

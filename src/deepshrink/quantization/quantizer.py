@@ -1,0 +1,179 @@
+"""ExecuTorch's XNNPACK quantizer with what mobile nets need on top.
+
+``XNNPACKQuantizer`` annotates conv/linear + ReLU as one pattern, but a clamp after a conv
+(ReLU6 = ``hardtanh(0, 6)``) only *shares* the conv's observer: the conv output is then
+quantized over its pre-activation range (say [-20, 15]) and the ReLU6 output [0, 6] gets a
+fraction of the 256 codes — the classic MobileNet int8 collapse. Here a conv/linear followed
+by ``hardtanh``/``clamp`` is annotated as one pattern: inputs at the conv, the output observer
+after the clamp, nothing in between (XNNPACK fuses the clamp into the kernel's output bounds).
+
+Zero padding (``ZeroPad2d``, ``F.pad``) takes its input's quantization parameters (0 is a
+code of every affine int8 grid, so padding in int8 is exact) instead of being re-quantized
+with a range of its own before the conv. ``fp32_layers`` leaves the matching modules
+unannotated, so they stay in float.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import torch
+from torch.fx import Node
+
+from deepshrink.core.selection import matches
+
+CONV_TARGETS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+LINEAR_TARGETS = (torch.ops.aten.linear.default,)
+CLAMP_TARGETS = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default, torch.ops.aten.clamp.default)
+PAD_TARGETS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+BATCH_NORM_TARGETS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+                      torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.cudnn_batch_norm.default)
+TRANSPOSED_TARGETS = (torch.ops.aten.conv_transpose1d.default, torch.ops.aten.conv_transpose2d.input,
+                      torch.ops.aten.conv_transpose3d.input, torch.ops.aten.convolution.default)
+
+
+def quantization_config(*, per_channel: bool, dynamic: bool = False, qat: bool = False,
+                        calibration: str = "histogram", percentile: float = 99.99):
+    """XNNPACK's symmetric int8 config with our activation observer for static PTQ."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    from deepshrink.quantization.observers import CalibrationObserver
+
+    config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic, is_qat=qat)
+    if dynamic:
+        return config
+    if qat:
+        return _unfused_qat(config, per_channel)
+    observer = CalibrationObserver.with_args(method=calibration, percentile=percentile, eps=2**-12)
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
+    # one spec object for inputs and outputs: PT2E then shares an observer along each edge
+    return dataclasses.replace(config, input_activation=act, output_activation=act)
+
+
+def _unfused_qat(config, per_channel: bool):
+    """XNNPACK's QAT config with plain ``FakeQuantize`` instead of ``FusedMovingAvgObsFakeQuantize``.
+
+    The fused kernel recomputes its scale on every forward with its own formula, which for
+    symmetric per-channel weights differs from the observer's ``calculate_qparams`` (what
+    ``convert_pt2e`` deploys) by ~0.5 %: the trained fake-quantized model then disagreed with
+    the converted one by 2-3 output codes. ``FakeQuantize`` takes its scale from the observer,
+    so the two agree; training is a little slower.
+    """
+    from torchao.quantization.pt2e import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver, eps=2**-12))
+    weight_observer = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+    weight = dataclasses.replace(config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+        observer=weight_observer, eps=2**-12))
+    return dataclasses.replace(config, input_activation=act, output_activation=act, weight=weight)
+
+
+def module_paths(node: Node) -> list[str]:
+    """Qualified names of the modules a graph node came from, outermost first."""
+    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+def layer_name(node: Node) -> str:
+    """The innermost module a node came from; the node's own name for ops called in the root's forward."""
+    paths = [p for p in module_paths(node) if p]
+    return paths[-1] if paths else node.name
+
+
+def in_layers(node: Node, patterns: Iterable[str]) -> bool:
+    return any(matches(p, path) for p in patterns for path in module_paths(node) if path)
+
+
+def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
+    """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    class MobileXNNPACKQuantizer(XNNPACKQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            # The conv-bn patterns are traced with torch.export on every call (about 0.3 s per
+            # variant): keep only those that can match this graph. PTQ folds batch norm before
+            # annotating, so there they never can.
+            targets = {n.target for n in model.graph.nodes if n.op == "call_function"}
+            has_bn = bool(targets & set(BATCH_NORM_TARGETS)) and self.global_config.is_qat
+            has_transposed = bool(targets & set(TRANSPOSED_TARGETS))
+            self.SUPPORTED_PATTERNS = [
+                p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS
+                if (has_bn or "_bn" not in p.name) and (has_transposed or "transpose" not in p.name)
+            ]
+            if not self.global_config.input_activation.is_dynamic:
+                annotate_clamped(model, self.global_config, self.filter_fn)
+            super().annotate(model)
+            share_through_padding(model)
+            return model
+
+    quantizer = MobileXNNPACKQuantizer().set_global(config)
+    if fp32_layers:
+        patterns = tuple(fp32_layers)
+        quantizer.set_filter_function(lambda node: not in_layers(node, patterns))
+    return quantizer
+
+
+def annotate_clamped(gm: torch.fx.GraphModule, config, filter_fn=None) -> list[list[Node]]:
+    """Annotate ``conv|linear [-> batch_norm] -> hardtanh|clamp`` as one quantized pattern."""
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation, get_bias_qspec, get_input_act_qspec, get_output_act_qspec, get_weight_qspec,
+    )
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    done = []
+    for clamp in gm.graph.nodes:
+        if clamp.op != "call_function" or clamp.target not in CLAMP_TARGETS:
+            continue
+        producer = clamp.args[0]
+        bn = None
+        if isinstance(producer, Node) and producer.target in (torch.ops.aten.batch_norm.default,) and len(producer.users) == 1:
+            bn, producer = producer, producer.args[0]   # QAT keeps batch norm until conversion
+        if not isinstance(producer, Node) or producer.target not in CONV_TARGETS + LINEAR_TARGETS:
+            continue
+        if len(producer.users) != 1 or (producer.target == torch.ops.aten.convolution.default and producer.args[6]):
+            continue  # the conv output is needed elsewhere, or it is a transposed conv
+        weight = producer.args[1]
+        bias = producer.args[2] if len(producer.args) > 2 else None
+        partition = [clamp, producer, weight] + ([bias] if isinstance(bias, Node) else []) + ([bn] if bn else [])
+        if any(Q_ANNOTATION_KEY in n.meta and n.meta[Q_ANNOTATION_KEY]._annotated for n in partition):
+            continue
+        if filter_fn is not None and not all(filter_fn(n) for n in partition):
+            continue
+        inputs = {producer.args[0]: get_input_act_qspec(config), weight: get_weight_qspec(config)}
+        if isinstance(bias, Node):
+            inputs[bias] = get_bias_qspec(config)
+        producer.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
+        clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config), _annotated=True)
+        for n in partition:
+            if Q_ANNOTATION_KEY not in n.meta:
+                n.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation()
+            n.meta[Q_ANNOTATION_KEY]._annotated = True
+        done.append(partition)
+    return done
+
+
+def share_through_padding(gm: torch.fx.GraphModule) -> None:
+    """Zero padding reuses its input's observer (like max-pool and reshape do in XNNPACK's quantizer)."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in PAD_TARGETS or not is_zero_pad(node):
+            continue
+        prev = node.args[0]
+        annotation = prev.meta.get(Q_ANNOTATION_KEY) if isinstance(prev, Node) else None
+        if annotation is None or annotation.output_qspec is None:
+            continue
+        if Q_ANNOTATION_KEY in node.meta and node.meta[Q_ANNOTATION_KEY]._annotated:
+            continue
+        shared = SharedQuantizationSpec(prev)
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={prev: shared}, output_qspec=shared, _annotated=True)
+
+
+def is_zero_pad(node: Node) -> bool:
+    if node.target == torch.ops.aten.constant_pad_nd.default:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
+        return value == 0
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    return mode == "constant" and (value is None or value == 0)

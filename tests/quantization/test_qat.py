@@ -1,0 +1,68 @@
+"""Int8QAT: the converted model exports to both runtimes and reproduces the fake-quantized model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deepshrink.core.targets import get_target
+from deepshrink.quantization import Int8QAT, activation_ranges, quantize
+from deepshrink.quantization.qat import finalize_qat, train_qat
+
+from .conftest import labelled_by
+
+
+def make_depthwise(seed: int = 0) -> nn.Module:
+    """conv-ReLU6, depthwise conv-ReLU6, linear: no batch norm (see test_qat_batchnorm.py for that)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU6(), nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU6(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_depthwise()
+    data = labelled_by(model, n=256, shape=(1, 8, 8))
+    fake_quant = train_qat(model, Int8QAT(epochs=2, lr=1e-3, batch_size=32), data, get_target("xnnpack"), progress=False)
+    return model, data, fake_quant, finalize_qat(fake_quant)
+
+
+def runtime_steps_off(fake_quant, converted, path, x):
+    """|runtime - fake-quantized| in units of the output quantization step."""
+    from deepshrink.deploy import export
+    from deepshrink.evaluation.runners import open_runner
+
+    export(converted, path, example_input=x[:16])
+    produced = open_runner(path).predict(x)
+    with torch.no_grad():
+        expected = fake_quant(x)
+    agreement = float((produced.argmax(1) == expected.argmax(1)).float().mean())
+    return (produced - expected).abs() / activation_ranges(converted)[-1]["scale"], agreement
+
+
+@pytest.mark.parametrize("suffix", [".pte", ".onnx"])
+def test_runtime_output_matches_the_fake_quantized_model(setup, tmp_path, suffix):
+    _, data, fake_quant, converted = setup
+    x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    steps, agreement = runtime_steps_off(fake_quant, converted, tmp_path / f"qat{suffix}", x)
+    # the integer kernels round the bias and the requantization where fake quantization stays in float:
+    # at most one output code apart, and rarely
+    assert float(steps.max()) <= 1.001 and float(steps.mean()) <= 0.05 and agreement >= 0.99
+
+
+def test_training_moves_the_copy_not_the_float_model(setup):
+    model, data, fake_quant, _ = setup
+    x = data.example_input(4)
+    torch.testing.assert_close(model(x), make_depthwise()(x), rtol=0, atol=0)
+    assert 0.75 <= fake_quant._deepshrink_quant["qat_val_accuracy"][-1] <= 1.0
+
+
+def test_the_qat_scheme_runs_through_quantize():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    data = labelled_by(model, n=128, shape=(1, 8, 8))
+    q = quantize(model, Int8QAT(epochs=1, lr=1e-4, batch_size=32), data=data)
+    info = q._deepshrink_quant
+    assert info["scheme"] == "Int8QAT" and len(info["qat_val_accuracy"]) == 1 and info["qat_val_accuracy"][0] >= 0.9
+    assert [r["layer"] for r in activation_ranges(q)] == ["input", "1", "3"]   # input, after the ReLU6, logits
