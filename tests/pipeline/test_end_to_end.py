@@ -163,3 +163,19 @@ def test_prune_then_codebook_into_dsk(tmp_path, digits):
     (tmp_path / "state" / "state.json").write_text(json.dumps({**state, "completed": 3}))
     run_recipe(recipe, tmp_path, resume=True, data=digits, progress=False, log=lambda m: None)
     assert (tmp_path / "compressed.dsk").read_bytes() == first
+
+
+def test_accuracy_budget_stage_records_what_it_tried(tmp_path, digits):
+    recipe = parse_recipe({
+        "name": "budget", "model": "lenet-5", "data": {"name": "digits"},
+        "stages": [
+            {"train": {"epochs": 2}},
+            {"quantize": {"scheme": "int8-budget", "max_drop_pt": 100.0, "ptq": {"calibration_samples": 64}}},
+        ],
+    })
+    assert parse_recipe(recipe.as_dict()) == recipe
+    logs = []
+    result = run_recipe(recipe, tmp_path, data=digits, progress=False, log=logs.append)
+    budget = result.state.quantization["budget"]
+    assert budget["met"] is True and len(budget["steps"]) == 1   # a 100-point budget: PTQ alone is enough
+    assert any(line.startswith("      budget: float accuracy") for line in logs)

@@ -30,7 +30,7 @@ from deepshrink.core.config import check, from_dict, to_dict
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
 from deepshrink.pruning import Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning
-from deepshrink.quantization import Int8Dynamic, Int8QAT, Int8Static
+from deepshrink.quantization import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
 from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT
 from deepshrink.training import TrainConfig
 
@@ -39,7 +39,7 @@ PRUNE_METHODS: dict[str, type] = {
 }
 SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}
 QUANT_SCHEMES: dict[str, type] = {
-    "int8-static": Int8Static, "int8-dynamic": Int8Dynamic, "int8-qat": Int8QAT,
+    "int8-static": Int8Static, "int8-dynamic": Int8Dynamic, "int8-qat": Int8QAT, "int8-budget": Int8WithinBudget,
     "weight-only": WeightOnly, "weight-qat": WeightQAT, "codebook": Codebook,
 }
 

@@ -105,6 +105,8 @@ def _quantize(state: RunState, config, ctx) -> dict:
     finalize(state.model)
     state.model = quantize(state.model, config, data=ctx.data, target=ctx.target)
     state.quantization = dict(state.model._deepshrink_quant)
+    for line in state.quantization.get("budget_steps", []):
+        ctx.log(f"      budget: {line}")
     acc = _test_accuracy(state.model, ctx)
     lowbit = quantized_weights(state.model)
     if lowbit:

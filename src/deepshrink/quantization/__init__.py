@@ -5,10 +5,10 @@ Also: ``activation_ranges`` (what calibration chose, per layer), ``layer_sqnr_re
 fallback, then QAT until the accuracy drop fits).
 """
 from deepshrink.quantization.api import activation_ranges, quantize
-from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static
+from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
 from deepshrink.quantization import lowbit  # noqa: E402,F401  (registers WeightOnly, WeightQAT, Codebook)
 
-__all__ = ["quantize", "activation_ranges", "Int8Static", "Int8Dynamic", "Int8QAT", "layer_sqnr_report", "quantize_within_budget"]
+__all__ = ["quantize", "activation_ranges", "Int8Static", "Int8Dynamic", "Int8QAT", "Int8WithinBudget", "layer_sqnr_report", "quantize_within_budget"]
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ from deepshrink.core.errors import ConfigError
 from deepshrink.core.registry import Registry
 from deepshrink.core.targets import TargetProfile, get_target
 from deepshrink.data.splits import DataSplits
-from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static
+from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
 
 _HANDLERS: Registry = Registry("quantize")
 
@@ -57,3 +57,16 @@ def _int8_qat(model, config: Int8QAT, data, target):
     from deepshrink.quantization.qat import finalize_qat, train_qat
 
     return finalize_qat(train_qat(model, config, data, target))
+
+
+@_HANDLERS.register(Int8WithinBudget)
+def _int8_within_budget(model, config: Int8WithinBudget, data, target):
+    from deepshrink.quantization.budget import quantize_within_budget
+
+    quantized, report = quantize_within_budget(
+        model, data, max_drop_pt=config.max_drop_pt, target=target.name, ptq=config.ptq, qat=config.qat,
+        max_fp32_layers=config.max_fp32_layers,
+    )
+    details = dict(getattr(quantized, "_deepshrink_quant", None) or {})
+    object.__setattr__(quantized, "_deepshrink_quant", {**details, "budget": report.as_dict(), "budget_steps": report.lines()})
+    return quantized

@@ -6,7 +6,7 @@ that matches no module is an error at ``quantize`` time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from deepshrink.core.config import check
@@ -90,3 +90,19 @@ class Int8QAT:
         check(self.epochs >= 1, "epochs", f"{self.epochs} must be >= 1; use Int8Static for no training")
         check(self.lr > 0, "lr", f"{self.lr} must be > 0")
         check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Int8WithinBudget:
+    """Int8 that must lose at most ``max_drop_pt`` accuracy points on validation: PTQ with
+    ``ptq``; if that misses, leave the lowest-SQNR layers in fp32 one at a time (up to
+    ``max_fp32_layers``); if that still misses, QAT with ``qat``. What was tried is recorded."""
+
+    max_drop_pt: float = 0.5
+    ptq: Int8Static = field(default_factory=Int8Static)
+    qat: Int8QAT = field(default_factory=Int8QAT)
+    max_fp32_layers: int = 3
+
+    def __post_init__(self) -> None:
+        check(self.max_drop_pt >= 0, "max_drop_pt", f"{self.max_drop_pt} must be >= 0 (accuracy points, e.g. 0.5)")
+        check(self.max_fp32_layers >= 0, "max_fp32_layers", f"{self.max_fp32_layers} must be >= 0")
