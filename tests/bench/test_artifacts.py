@@ -17,6 +17,8 @@ CLAIMS = [
     ("lenet-300-100-pruned.dsk", "mnist", 1.64, 13_720, "pruning.md"),
     ("lenet-5-w4-qat.dsk", "mnist", 0.74, 335_532, "quant_lowbit.md"),
     ("lenet-5-w8a8.pte", "mnist", 0.77, None, "quant_int8.md"),
+    ("lenet-300-100.dsk", "mnist", 1.71, None, "deep_compression.md"),
+    ("lenet-5.dsk", "mnist", 0.79, None, "deep_compression.md"),
 ]
 
 
