@@ -46,7 +46,14 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "lenet-300-100": lambda **kw: MLP(hidden=tuple(kw.pop("hidden", (300, 100))), **kw),
     "seed-mlp": lambda **kw: MLP(hidden=tuple(kw.pop("hidden", (256,))), **kw),
     "lenet-5": lambda **kw: LeNet5(**kw),
+    "mobile-cnn": lambda **kw: _mobile_cnn(**kw),
 }
+
+
+def _mobile_cnn(**kw) -> nn.Module:
+    from deepshrink.models.mobile import mobile_cnn
+
+    return mobile_cnn(**kw)
 
 
 def create(name: str, **kwargs: object) -> nn.Module:
