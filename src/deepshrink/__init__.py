@@ -17,6 +17,8 @@ _LAZY = {
     "TaylorPruning": ("deepshrink.pruning", "TaylorPruning"),
     "RandomPruning": ("deepshrink.pruning", "RandomPruning"),
     "prune_with_schedule": ("deepshrink.pruning", "prune_with_schedule"),
+    "prune_channels": ("deepshrink.pruning.structured", "prune_channels"),
+    "ChannelPruning": ("deepshrink.pruning.structured", "ChannelPruning"),
     "quantize": ("deepshrink.quantization", "quantize"),
     "Int8Static": ("deepshrink.quantization", "Int8Static"),
     "Int8Dynamic": ("deepshrink.quantization", "Int8Dynamic"),

@@ -18,6 +18,7 @@ CLAIMS = [
     ("lenet-5-w4-qat.dsk", "mnist", 0.74, 335_532, "quant_lowbit.md"),
     ("lenet-5-w8a8.pte", "mnist", 0.77, None, "quant_int8.md"),
     ("lenet-300-100.dsk", "mnist", 1.71, None, "deep_compression.md"),
+    ("lenet-5-structured.pte", "mnist", 0.71, None, "structured.md"),
     ("lenet-5.dsk", "mnist", 0.79, None, "deep_compression.md"),
 ]
 

@@ -1,0 +1,25 @@
+"""Structured (channel) pruning: remove whole channels so layers, files and latency really shrink.
+
+``prune_channels(model, ChannelPruning(ratio=0.5), example_input=x)`` traces the model, finds
+every slice coupled to each output channel (next layers' inputs, BatchNorm, residual additions,
+concatenations, depthwise convolutions, flatten into a Linear), scores the coupled groups,
+rounds kept widths to the target's channel multiple and replaces the layers with smaller ones.
+The steps are public on their own: ``analyze_channels``, the criteria in ``importance``,
+``round_channels`` / ``local_counts`` / ``global_counts`` / ``top_channels``, and
+``ChannelPlan`` with ``mask_channels`` (zeros, the reference) and ``shrink_channels``.
+"""
+from deepshrink.pruning.structured.api import ShrinkError, StructuredReport, prune_channels
+from deepshrink.pruning.structured.configs import ChannelPruning
+from deepshrink.pruning.structured.dependency import UnprunableLayerWarning, analyze_channels, describe_unsupported
+from deepshrink.pruning.structured.graph import ChannelGraph, ChannelGroup, ParamSlice
+from deepshrink.pruning.structured.importance import bn_scale_scores, magnitude_scores, taylor_scores
+from deepshrink.pruning.structured.shrink import ChannelPlan, mask_channels, shrink_channels
+from deepshrink.pruning.structured.widths import global_counts, local_counts, round_channels, top_channels
+
+__all__ = [
+    "prune_channels", "ChannelPruning", "StructuredReport", "ShrinkError", "UnprunableLayerWarning",
+    "analyze_channels", "describe_unsupported", "ChannelGraph", "ChannelGroup", "ParamSlice",
+    "magnitude_scores", "bn_scale_scores", "taylor_scores",
+    "ChannelPlan", "mask_channels", "shrink_channels",
+    "round_channels", "local_counts", "global_counts", "top_channels",
+]
