@@ -46,6 +46,7 @@ def test_sparsity_and_counts_are_recorded(run):
     # conv1 and fc2 stay dense; 80 % of conv2+fc1 (425,000 weights) go
     assert v["compressed .onnx"]["nonzero_params"] <= 431_080 - 0.8 * 425_000
     assert v["fp32 eager"]["macs"] == 2_293_000
+    assert v["compressed .pte"]["macs"] == 2_293_000  # dense MACs: unstructured zeros are still multiplied
 
 
 def test_metrics_json_schema_and_report(run):
@@ -179,3 +180,28 @@ def test_accuracy_budget_stage_records_what_it_tried(tmp_path, digits):
     budget = result.state.quantization["budget"]
     assert budget["met"] is True and len(budget["steps"]) == 1   # a 100-point budget: PTQ alone is enough
     assert any(line.startswith("      budget: float accuracy") for line in logs)
+
+
+def test_channel_pruning_stage_shrinks_and_resumes(tmp_path, digits):
+    recipe = parse_recipe({
+        "name": "channels", "model": "lenet-5", "data": {"name": "digits"},
+        "stages": [
+            {"train": {"epochs": 1}},
+            {"prune": {"method": "channels", "ratio": 0.5, "importance": "l1", "retrain": {"epochs": 1}}},
+            {"export": {"formats": ["pte"]}},
+            {"evaluate": {"latency_runs": 0}},
+        ],
+    })
+    assert parse_recipe(recipe.as_dict()) == recipe
+    result = run_recipe(recipe, tmp_path, data=digits, progress=False, log=lambda m: None)
+    summary = result.state.log[1]["summary"]
+    assert summary["structured"]["macs_after"] * 2 < summary["structured"]["macs_before"]
+    assert result.state.model.conv2.out_channels % 8 == 0 and result.state.model.conv2.out_channels < 50
+    v = result.state.variants
+    assert v["compressed .pte"]["macs"] == summary["structured"]["macs_after"]
+    assert v["compressed .pte"]["file_bytes"] * 2 < v["fp32 .pte"]["file_bytes"]
+    # the shrunk widths were recorded: the saved state rebuilds the smaller skeleton
+    from deepshrink.models import load
+
+    again = load(tmp_path / "state" / "model.safetensors")
+    assert again.conv2.out_channels == result.state.model.conv2.out_channels

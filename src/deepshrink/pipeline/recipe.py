@@ -30,12 +30,14 @@ from deepshrink.core.config import check, from_dict, to_dict
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
 from deepshrink.pruning import Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning
+from deepshrink.pruning.structured import ChannelPruning
 from deepshrink.quantization import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
 from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT
 from deepshrink.training import TrainConfig
 
 PRUNE_METHODS: dict[str, type] = {
     "magnitude": MagnitudePruning, "gradient": GradientPruning, "taylor": TaylorPruning, "random": RandomPruning,
+    "channels": ChannelPruning,  # structured: removes whole channels, the model gets physically smaller
 }
 SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}
 QUANT_SCHEMES: dict[str, type] = {
@@ -219,6 +221,9 @@ def parse_prune(body: dict, path: str) -> PruneStage:
             raise ConfigError(f"{path}.schedule.{name}: unknown schedule; choose one of {', '.join(SCHEDULES)}")
         schedule = from_dict(SCHEDULES[name], options or {}, f"{path}.schedule.{name}")
     retrain = None if retrain_raw is None else from_dict(TrainConfig, retrain_raw, f"{path}.retrain")
+    if isinstance(pruning, ChannelPruning) and (schedule is not None or sensitivity_raw is not None):
+        raise ConfigError(f"{path}: method 'channels' prunes in its own `steps` (with `retrain` between); "
+                          "remove schedule/sensitivity")
     if schedule is not None and retrain is None:
         raise ConfigError(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
     sensitivity = None if sensitivity_raw is None else from_dict(SensitivityOptions, sensitivity_raw, f"{path}.sensitivity")

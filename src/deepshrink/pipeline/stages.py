@@ -14,6 +14,7 @@ from deepshrink.pipeline.metrics_doc import build_metrics, write_metrics
 from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, PruneStage, Recipe, ReportStage
 from deepshrink.pipeline.state import RunState
 from deepshrink.pruning import finalize, layer_sensitivity, predicted_drop, propose_sparsities, prune, prune_with_schedule
+from deepshrink.pruning.structured import ChannelPruning, prune_channels
 from deepshrink.quantization import quantize
 from deepshrink.quantization.lowbit import quantized_weights
 from deepshrink.training import TrainConfig, accuracy, fit
@@ -68,8 +69,21 @@ def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict
     return config, {"curves": curves.as_dict(), "proposed": proposal, "predicted_drop": predicted_drop(curves, proposal)}
 
 
+def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
+    teacher = state.baseline if stage.retrain is not None and stage.retrain.distill is not None else None
+    report = prune_channels(state.model, stage.pruning, example_input=ctx.example_batch(8), data=ctx.data,
+                            target=ctx.target.name, train_config=stage.retrain, teacher=teacher)
+    acc = _test_accuracy(state.model, ctx)
+    layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
+    return {"structured": report.as_dict(), "layers": layers, "test_accuracy": acc,
+            "line": f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_reduction:.2f}x fewer), "
+                    f"test accuracy {acc:.2%}"}
+
+
 def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
     _baseline(state, ctx)
+    if isinstance(stage.pruning, ChannelPruning):
+        return _prune_channels(state, stage, ctx)
     config, extra = stage.pruning, {}
     if stage.sensitivity is not None:
         config, extra = _sensitivity(state, stage, ctx.data)
@@ -103,8 +117,9 @@ def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
 def _quantize(state: RunState, config, ctx) -> dict:
     _baseline(state, ctx)
     finalize(state.model)
+    float_macs = count_macs(state.model, ctx.example_batch(1))  # a quantized graph cannot count its own
     state.model = quantize(state.model, config, data=ctx.data, target=ctx.target)
-    state.quantization = dict(state.model._deepshrink_quant)
+    state.quantization = {**state.model._deepshrink_quant, "macs": float_macs}
     for line in state.quantization.get("budget_steps", []):
         ctx.log(f"      budget: {line}")
     acc = _test_accuracy(state.model, ctx)
@@ -118,7 +133,7 @@ def _quantize(state: RunState, config, ctx) -> dict:
 def _export(state: RunState, config: ExportStage, ctx) -> dict:
     finalize(state.model)
     example = ctx.example_batch(config.parity_samples)
-    jobs = [(COMPRESSED, state.model, state.baseline_macs)]
+    jobs = [(COMPRESSED, state.model, (state.quantization or {}).get("macs"))]
     if config.baseline and state.baseline is not None:
         jobs.insert(0, (FP32, state.baseline, None))
     lines = []

@@ -14,6 +14,7 @@ from deepshrink.core.io import atomic_write_text
 from deepshrink.core.masks import attach_masks, get_masks
 from deepshrink.formats.checkpoint import read_checkpoint, write_checkpoint
 from deepshrink.models.loading import load_checkpoint, save_checkpoint
+from deepshrink.models.zoo import get_arch
 
 
 @dataclass
@@ -39,7 +40,7 @@ def save_state(state: RunState, directory: Path, fingerprint: str, example_input
 
     for stale in ("model.pt2", "model.dsk", "model.safetensors"):
         (directory / stale).unlink(missing_ok=True)
-    if isinstance(state.model, torch.fx.GraphModule):
+    if isinstance(state.model, torch.fx.GraphModule) or get_arch(state.model) is None:
         model_file = save_checkpoint(state.model, directory / "model.pt2", example_input=example_input).name
     elif quantized_weights(state.model):  # low-bit weights keep their codes across a resume
         model_file = save_compressed(state.model, directory / "model.dsk").name
