@@ -87,6 +87,16 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
     return write_checkpoint(path, model.state_dict(), {"arch": arch})
 
 
+def build_from_arch(arch: dict, *, where: str) -> nn.Module:
+    """A fresh module from a recorded architecture (``{"zoo": ..}`` or ``{"file": .., "class": ..}``)."""
+    kwargs = arch.get("kwargs", {})
+    if "zoo" in arch:
+        return create(arch["zoo"], **kwargs)
+    if "file" in arch and "class" in arch:
+        return load_user_class(f"{arch['file']}:{arch['class']}", **kwargs)
+    raise ModelLoadError(f"model: {where} does not say how to rebuild its architecture")
+
+
 def load_checkpoint(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
@@ -110,12 +120,7 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module:
     except ArtifactError as err:
         raise ModelLoadError(f"model: {err}") from None
     arch = meta.get("arch") or {}
-    if "zoo" in arch:
-        model = create(arch["zoo"], **arch.get("kwargs", {}))
-    elif "file" in arch:
-        model = load_user_class(f"{arch['file']}:{arch['class']}", **arch.get("kwargs", {}))
-    else:
-        raise ModelLoadError(f"model: {path} does not say how to rebuild its architecture")
+    model = build_from_arch(arch, where=str(path))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

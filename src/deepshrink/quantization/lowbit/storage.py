@@ -29,8 +29,8 @@ from torch import nn
 
 from deepshrink.core.errors import ArtifactError, ConfigError, ModelLoadError
 from deepshrink.formats.container import read_container, record_for, write_container
-from deepshrink.models.loading import load_user_class
-from deepshrink.models.zoo import create, get_arch
+from deepshrink.models.loading import build_from_arch
+from deepshrink.models.zoo import get_arch
 from deepshrink.ops.quant_math import dequantize_affine, integer_dtype, qrange
 from deepshrink.quantization.lowbit.weights import (AffineWeight, CodebookWeight, quantized_weights, set_quantized)
 
@@ -94,8 +94,7 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
         qw = _decode_weight(path, name, spec, tensors)
         quantized[name] = qw
         state[name] = qw.dequantize()
-    kwargs = arch.get("kwargs", {})
-    model = create(arch["zoo"], **kwargs) if "zoo" in arch else load_user_class(f"{arch['file']}:{arch['class']}", **kwargs)
+    model = build_from_arch(arch, where=str(path))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
