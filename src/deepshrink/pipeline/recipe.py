@@ -29,7 +29,9 @@ from typing import Any, Literal
 from deepshrink.core.config import check, from_dict, to_dict
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
-from deepshrink.pruning import Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning
+from deepshrink.pruning import (
+    Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning, VariationalDropout,
+)
 from deepshrink.pruning.structured import ChannelPruning
 from deepshrink.quantization import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
 from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT
@@ -37,6 +39,7 @@ from deepshrink.training import TrainConfig
 
 PRUNE_METHODS: dict[str, type] = {
     "magnitude": MagnitudePruning, "gradient": GradientPruning, "taylor": TaylorPruning, "random": RandomPruning,
+    "variational": VariationalDropout,  # sparse variational dropout: learns which weights (and how many) to drop
     "channels": ChannelPruning,  # structured: removes whole channels, the model gets physically smaller
 }
 SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}
@@ -227,6 +230,9 @@ def parse_prune(body: dict, path: str) -> PruneStage:
     if schedule is not None and retrain is None:
         raise ConfigError(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
     sensitivity = None if sensitivity_raw is None else from_dict(SensitivityOptions, sensitivity_raw, f"{path}.sensitivity")
+    if sensitivity is not None and pruning.sparsity is None:
+        raise ConfigError(f"{path}.sensitivity: needs a sparsity to share among layers; without one the criterion "
+                          "learns each layer's sparsity itself: remove sensitivity, or set a sparsity")
     if sensitivity is not None and pruning.overrides:
         raise ConfigError(f"{path}.sensitivity: proposes per-layer sparsities itself; remove overrides or sensitivity")
     return PruneStage(pruning, schedule, retrain, sensitivity)

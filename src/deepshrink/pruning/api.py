@@ -109,7 +109,8 @@ def prune(model: nn.Module, config: PruningConfig, *, data: DataSplits | None = 
     weights = prunable_weights(model, config)
     previous = get_masks(model)
     scores = rank_pruned_lowest(score_weights(model, weights, config, data), previous)
-    masks = choose_masks(scores, config)
+    # a learned sparsity (``sparsity: None``): the criterion's scores are > 0 for the weights it keeps
+    masks = {n: s > 0 for n, s in scores.items()} if config.sparsity is None else choose_masks(scores, config)
     # a lower sparsity than before must not revive a weight: its value is already gone
     masks = {n: m & previous[n] if n in previous else m for n, m in masks.items()}
     attach_masks(model, masks)

@@ -7,7 +7,7 @@ criterion needs (``TaylorPruning.batches``). All fields are plain data, so a rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from deepshrink.core.config import check
 from deepshrink.core.errors import ConfigError
@@ -35,7 +35,7 @@ class PruningConfig:
     that and say so.
     """
 
-    sparsity: float = 0.5
+    sparsity: float | None = 0.5
     scope: Literal["global", "local"] = "global"
     layers: tuple[str, ...] = ()
     skip_first_conv: bool = True
@@ -44,7 +44,18 @@ class PruningConfig:
     groups: dict[str, float] = field(default_factory=dict)
     pattern: str | int = "element"
 
+    # a criterion that learns which weights to drop (``VariationalDropout``) may leave ``sparsity``
+    # None: its scores are then > 0 exactly for the weights it keeps
+    learns_sparsity: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
+        if self.sparsity is None:
+            check(self.learns_sparsity, "sparsity", f"is required for {type(self).__name__}, e.g. sparsity: 0.9 "
+                  "(only a criterion that learns its own sparsity, such as variational dropout, may leave it out)")
+            check(not (self.overrides or self.groups) and parse_pattern(self.pattern) == parse_pattern("element"),
+                  "sparsity", "a learned sparsity (sparsity: null) keeps what the criterion learned; "
+                  "overrides, groups and patterns need a sparsity to rank by, so set one")
+            return
         check(0.0 <= self.sparsity < 1.0, "sparsity", f"{self.sparsity} is outside [0, 1); use e.g. 0.9 to prune 90 % of weights")
         for name, value in self.overrides.items():
             check(0.0 <= value < 1.0, f"overrides.{name}", f"{value} is outside [0, 1)")

@@ -61,6 +61,9 @@ def prune_with_schedule(
     if not isinstance(schedule, OneShot) and isinstance(config.parsed_pattern, NM):
         raise ConfigError(f"schedule: pattern {config.pattern} fixes every layer's sparsity at {config.sparsity:g}, "
                           f"so it cannot be reached step by step; use OneShot() or an element/block pattern")
+    if config.sparsity is None:
+        raise ConfigError(f"schedule: {type(config).__name__} without a sparsity learns its own during its training; "
+                          "a schedule needs a sparsity to ramp to: set sparsity, or drop the schedule")
     points = prune_points(schedule, config.sparsity)
     last_epoch = points[-1][0]
     if last_epoch > train_config.epochs:

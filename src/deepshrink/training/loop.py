@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,11 +75,14 @@ def fit(
     teacher: nn.Module | None = None,
     progress: bool | None = None,
     resume_path: str | os.PathLike | None = None,
+    penalty: Callable[[float], torch.Tensor] | None = None,
 ) -> History:
     """Train ``model`` in place on ``data.train``, validating on ``data.val`` after each epoch.
 
     ``resume_path``: a file where the loop saves its state after each epoch and from which it
     continues if the file exists (same config assumed).
+    ``penalty``: called at every step with the training progress in [0, 1); its value is added
+    to the loss (a regulariser such as the KL term of variational dropout, with its own warm-up).
     """
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,12 +112,14 @@ def fit(
         model.train()
         running, seen = 0.0, 0
         bar = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", show)
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             with torch.no_grad():
                 teacher_logits = teacher(x) if teacher is not None else None
             loss = _loss(logits, y, teacher_logits, config)
+            if penalty is not None:
+                loss = loss + penalty((epoch + i / len(loader)) / config.epochs)
             loss.backward()
             optimizer.step()
             scheduler.step()
