@@ -204,3 +204,27 @@ def test_channel_pruning_stage_shrinks_and_resumes(tmp_path, digits):
 
     again = load(tmp_path / "state" / "model.safetensors")
     assert again.conv2.out_channels == result.state.model.conv2.out_channels
+
+
+def test_variational_dropout_learns_the_sparsity_then_retrains_with_masks_held(tmp_path, digits):
+    recipe = parse_recipe({
+        "name": "vd", "model": "lenet-300-100", "data": {"name": "digits"},
+        "stages": [
+            {"train": {"epochs": 3}},
+            {"prune": {"method": "variational", "skip_classifier": False, "train": {"epochs": 4, "lr": 0.002},
+                       "kl_weight": 0.05,  # 1,000 digits against 266,200 weights: the full KL term would prune all
+                       "retrain": {"epochs": 1, "lr": 0.0005, "distill": {"temperature": 2.0, "alpha": 0.5}}}},
+            {"quantize": {"scheme": "codebook", "method": "kmeans", "bits": 4}},
+            {"export": {"formats": ["dsk"]}},
+            {"evaluate": {"latency_runs": 0}},
+        ],
+    })
+    result = run_recipe(recipe, tmp_path, data=digits, progress=False, log=lambda m: None)
+    summary = result.state.log[1]["summary"]
+    kept = sum(d["kept"] for d in summary["layers"].values())
+    assert summary["sparsity"] > 0.7                      # nobody asked for a number: the KL term found it
+    assert len(summary["retrain"]["val_accuracy"]) == 1
+    v = result.state.variants
+    assert v["compressed .dsk"]["accuracy"] == v["compressed eager (simulated quantized)"]["accuracy"]
+    assert v["compressed .dsk"]["accuracy"] > 0.9
+    assert v["compressed .dsk"]["nonzero_params"] <= kept + 410  # retraining revived no weight (410 biases)

@@ -112,6 +112,7 @@ class PruneStage:
     Without ``schedule`` the prune is one-shot and a later ``finetune`` stage wins the accuracy
     back. With it (``{iterative: {sparsities: [0.5, 0.8]}}``, ``{gradual: {steps: 8}}``) the stage
     alternates prunes and ``retrain`` epochs itself; ``retrain.distill`` distils from the dense model.
+    Without a schedule, ``retrain`` trains once after the one-shot prune, masks held.
     """
 
     pruning: Any

@@ -91,8 +91,18 @@ def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
     if stage.schedule is None:
         report = prune(state.model, config, data=ctx.data)
         acc = _test_accuracy(state.model, ctx)
-        return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc,
-                "line": f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%} before fine-tuning"}
+        line = f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%}"
+        if stage.retrain is None:
+            return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
+        # one-shot prune, then the stage's own retraining with the masks held
+        teacher = state.baseline if stage.retrain.distill is not None else None
+        history = fit(state.model, ctx.data, stage.retrain, teacher=teacher, progress=ctx.progress,
+                      resume_path=ctx.out_dir / "state" / "retrain-epoch.pt")
+        (ctx.out_dir / "state" / "retrain-epoch.pt").unlink(missing_ok=True)
+        after = _test_accuracy(state.model, ctx)
+        return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "test_accuracy": after,
+                "retrain": {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch},
+                "line": f"{line} after pruning, {after:.2%} after {len(history.val_accuracy)} retrain epochs"}
     teacher = state.baseline if stage.retrain.distill is not None else None
     steps = prune_with_schedule(state.model, config, stage.schedule, data=ctx.data, train_config=stage.retrain,
                                 teacher=teacher, progress=ctx.progress)

@@ -44,7 +44,9 @@ class VariationalDropout(PruningConfig):
     trained together, so the surviving weights come back already adapted; the last epoch's
     weights are kept whatever ``keep_best`` says).
     ``kl_weight``: the KL term's weight at the end of the warm-up, per training example (1 is
-    the true lower bound; below 1 keeps more weights, above 1 prunes harder).
+    the true lower bound; below 1 keeps more weights, above 1 prunes harder). The term grows
+    with the number of weights and shrinks with the number of examples: a small dataset against
+    a large model (1,000 digits, 266,200 weights) needs about 0.05, or it prunes everything.
     ``kl_warmup``: fraction of training over which the KL weight ramps linearly from 0.
     ``init_log_sigma2``: starting log variance (small: the pretrained network starts almost
     noise-free).
