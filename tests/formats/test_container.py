@@ -11,23 +11,42 @@ import pytest
 import torch
 
 from deepshrink.core.errors import ArtifactError, ConfigError
-from deepshrink.formats.container import (RecordKind, TensorRecord, decode_bytes, encode_records,
-                                          read_container, record_for, size_breakdown, write_container)
+from deepshrink.formats.container import (MAX_HEADER_BYTES, RecordKind, TensorRecord, decode_bytes,
+                                          encode_records, read_container, record_for, size_breakdown,
+                                          write_container)
 
 # the documented layout, restated so the tests double as its spec
 PREAMBLE = struct.Struct("<8sHHIQ")
 MAGIC = b"\x89DSK\r\n\x1a\n"
+DEFLATED = 1  # flags bit 0: the header is one raw DEFLATE stream
+
+
+def _deflate(data: bytes, level: int = 9) -> bytes:
+    deflate = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return deflate.compress(data) + deflate.flush()
+
+
+def _flags(data: bytes) -> int:
+    return PREAMBLE.unpack_from(data)[2]
+
+
+def _header_bytes(data: bytes) -> bytes:
+    """The header's JSON, inflated if the file stores it compressed."""
+    _, _, flags, header_len, _ = PREAMBLE.unpack_from(data)
+    stored = data[PREAMBLE.size:PREAMBLE.size + header_len]
+    return zlib.decompress(stored, -15) if flags & DEFLATED else stored
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
     _, _, _, header_len, payload_len = PREAMBLE.unpack_from(data)
-    header = json.loads(data[PREAMBLE.size:PREAMBLE.size + header_len])
+    header = json.loads(_header_bytes(data))
     return header, data[PREAMBLE.size + header_len:PREAMBLE.size + header_len + payload_len]
 
 
-def _assemble(header, payload: bytes, *, version: int = 1) -> bytes:
+def _assemble(header, payload: bytes, *, version: int = 1, flags: int = 0) -> bytes:
+    """A file with a valid checksum around ``header`` (bytes are stored as given, with ``flags``)."""
     header_bytes = header if isinstance(header, bytes) else json.dumps(header).encode()
-    body = PREAMBLE.pack(MAGIC, version, 0, len(header_bytes), len(payload)) + header_bytes + payload
+    body = PREAMBLE.pack(MAGIC, version, flags, len(header_bytes), len(payload)) + header_bytes + payload
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -59,8 +78,8 @@ def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def _small_file() -> bytes:
-    """Every kind and every entropy mode (constant, fixed, Huffman, rANS) in about 1.3 KiB."""
+def _small_records() -> tuple[list[TensorRecord], dict]:
+    """Every kind and every entropy mode (constant, fixed, Huffman, rANS), and metadata."""
     t, mask, cb, idx = _shared((16, 32), 0.95, 2, seed=5)
     _, _, emb_cb, emb_idx = _shared((20, 20), 0.0, 2, seed=3)
     emb_idx = torch.where(torch.arange(400).reshape(20, 20) % 11 == 0, emb_idx, 0)  # skewed: rANS
@@ -75,15 +94,18 @@ def _small_file() -> bytes:
                record_for("head.weight", head_cb[head_idx], codebook=head_cb, indices=head_idx),
                record_for("zeros", torch.zeros(40, 40), kind="sparse"),
                record_for("bn.num_batches_tracked", torch.tensor(7))]
-    return encode_records(records, {"arch": {"name": "tiny", "layers": [8, 16]}})
+    return records, {"arch": {"name": "tiny", "layers": [8, 16]}}
 
 
-SMALL = _small_file()
+SMALL = encode_records(*_small_records())  # about 1.1 KiB, compressed header (flags 1)
+SMALL_PLAIN = encode_records(*_small_records(), compress_header=False)  # the same, plain header (flags 0)
+BOTH = pytest.mark.parametrize("small", [SMALL, SMALL_PLAIN], ids=["deflated-header", "plain-header"])
 
 
-def test_small_file_exercises_every_entropy_mode():
+@BOTH
+def test_small_file_exercises_every_entropy_mode(small):
     # the corruption and fuzz tests below only reach the decoders this file uses
-    header, payload = _split(SMALL)
+    header, payload = _split(small)
     modes, offset = set(), 0
     for record in header["records"]:
         for role, length in record["streams"]:
@@ -91,7 +113,46 @@ def test_small_file_exercises_every_entropy_mode():
             if coded:
                 modes.add(payload[offset])
             offset += length
-    assert modes == {0, 1, 2, 3} and len(SMALL) < 1500
+    assert modes == {0, 1, 2, 3} and len(small) < 1500
+
+
+def test_header_is_deflated_when_that_makes_the_file_smaller():
+    assert _flags(SMALL) == DEFLATED and _flags(SMALL_PLAIN) == 0
+    plain_len, deflated_len = PREAMBLE.unpack_from(SMALL_PLAIN)[3], PREAMBLE.unpack_from(SMALL)[3]
+    assert deflated_len < 0.6 * plain_len  # 7 records' JSON entries repeat the same keys
+    assert len(SMALL_PLAIN) - len(SMALL) == plain_len - deflated_len  # only the header differs
+    assert _header_bytes(SMALL) == _header_bytes(SMALL_PLAIN)
+    assert _split(SMALL)[1] == _split(SMALL_PLAIN)[1]
+    tensors, meta = decode_bytes(SMALL)
+    plain_tensors, plain_meta = decode_bytes(SMALL_PLAIN)
+    assert meta == plain_meta == _small_records()[1] and list(tensors) == list(plain_tensors)
+    for name, t in tensors.items():
+        _assert_same(t, plain_tensors[name])
+
+
+@pytest.mark.parametrize("records, metadata", [([], None), ({}, {"k": "x"})])
+def test_header_stays_plain_when_deflating_does_not_help(records, metadata):
+    data = encode_records(records, metadata)
+    assert _flags(data) == 0 and data == encode_records(records, metadata, compress_header=False)
+    assert json.loads(_header_bytes(data)) == {"records": [], "metadata": metadata or {}}
+    assert decode_bytes(data) == ({}, metadata or {})
+
+
+def test_flags_0_files_are_the_format_as_it_was_and_still_decode():
+    # the plain header is the compact JSON, byte for byte what flags-0 writers have always stored
+    header, payload = _split(SMALL)
+    compact = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
+    assert SMALL_PLAIN == _assemble(compact, payload)
+    # a flags-0 file made by hand from the compressed one's parts decodes to the same tensors
+    for data in (_assemble(compact, payload), _assemble(header, payload)):  # compact and spaced JSON
+        tensors, meta = decode_bytes(data)
+        expected, expected_meta = decode_bytes(SMALL)
+        assert meta == expected_meta and list(tensors) == list(expected)
+        for name, t in tensors.items():
+            _assert_same(t, expected[name])
+    # and a compressed header that was deflated by another writer (other level) reads the same
+    relevelled = _assemble(_deflate(compact, level=1), payload, flags=DEFLATED)
+    assert decode_bytes(relevelled)[1] == decode_bytes(SMALL)[1]
 
 
 @pytest.mark.parametrize("sparsity, kind", [(0.0, "dense"), (0.5, None), (0.9, "sparse"),
@@ -188,14 +249,33 @@ def test_deep_compression_layer_is_over_15x_smaller_and_near_its_entropy():
     _assert_same(decode_bytes(forced)[0]["fc1.weight"], t)
 
 
-def test_size_breakdown_accounts_for_every_byte():
-    rows = size_breakdown(SMALL)
-    assert [row["name"] for row in rows[:-1]] == list(decode_bytes(SMALL)[0])
+@BOTH
+def test_size_breakdown_accounts_for_every_byte(small):
+    rows = size_breakdown(small)
+    assert [row["name"] for row in rows[:-1]] == list(decode_bytes(small)[0])
     assert rows[-1]["kind"] == "file"
-    assert sum(row["total_bits"] for row in rows) == 8 * len(SMALL)
+    assert sum(row["total_bits"] for row in rows) == 8 * len(small)
+    counts = ("values_bits", "positions_bits", "codebook_bits", "indices_bits", "header_bits", "total_bits")
+    assert all(type(row[k]) is int for row in rows for k in counts)  # whole bits, not fractions
     for row in rows[:-1]:
         streams = row["values_bits"] + row["positions_bits"] + row["codebook_bits"] + row["indices_bits"]
         assert row["total_bits"] == streams + row["header_bits"]
+
+
+def test_size_breakdown_shares_a_deflated_header_by_json_entry_length():
+    plain, deflated = size_breakdown(SMALL_PLAIN), size_breakdown(SMALL)
+    header_len = PREAMBLE.unpack_from(SMALL)[3]
+    plain_len = len(_header_bytes(SMALL))
+    entries = [row["header_bits"] for row in plain[:-1]]  # 8 x (JSON entry + its comma)
+    assert [row["header_bits"] for row in deflated[:-1]] == [header_len * bits // plain_len for bits in entries]
+    for p, d in zip(plain, deflated):  # the streams are the same bytes either way
+        assert {k: v for k, v in p.items() if k not in ("header_bits", "total_bits")} == \
+               {k: v for k, v in d.items() if k not in ("header_bits", "total_bits")}
+    # the file row: preamble, checksum, metadata's and the framing's share, rounding leftovers
+    records_share = sum(row["header_bits"] for row in deflated[:-1])
+    assert deflated[-1]["total_bits"] == 8 * (PREAMBLE.size + 4 + header_len) - records_share
+    outside_records = 8 * header_len * (8 * plain_len - sum(entries)) / (8 * plain_len)  # metadata, framing
+    assert outside_records <= 8 * header_len - records_share < outside_records + len(entries)  # + rounding
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -233,6 +313,7 @@ def test_encode_rejects_duplicates_bad_metadata_and_dtypes():
     (SMALL[:100], "truncated at byte 100"),
     (SMALL + b"\x00", "1 unexpected bytes"),
     (SMALL[:8] + b"\x02" + SMALL[9:], "unsupported .dsk format version 2"),
+    (_assemble(b"{}", b"", version=2, flags=DEFLATED), "version 2 .*reads version 1 with flags 0 or 1"),
     (SMALL[:-10] + bytes([SMALL[-10] ^ 1]) + SMALL[-9:], "checksum mismatch"),
     (_assemble(b"{not json", b""), "not valid JSON"),
     (_assemble(b"[" * 100_000 + b"]" * 100_000, b""), "not valid JSON"),
@@ -241,6 +322,62 @@ def test_encode_rejects_duplicates_bad_metadata_and_dtypes():
 def test_decode_names_what_is_wrong(data, message):
     with pytest.raises(ArtifactError, match=message):
         decode_bytes(data)
+
+
+@pytest.mark.parametrize("flags", [2, 3, 4, 0x8000, 0xFFFF])
+def test_unknown_flag_bits_are_refused(flags):
+    header, payload = _split(SMALL)
+    stored = _deflate(json.dumps(header).encode()) if flags & DEFLATED else json.dumps(header).encode()
+    with pytest.raises(ArtifactError, match=rf"\(flags {flags:#x}\); this deepshrink reads version 1 "
+                                            r"with flags 0 or 1"):
+        decode_bytes(_assemble(stored, payload, flags=flags))
+
+
+def _deflated_header_file(stored: bytes) -> bytes:
+    return _assemble(stored, b"", flags=DEFLATED)
+
+
+EMPTY = json.dumps({"records": [], "metadata": {}}).encode()
+
+
+@pytest.mark.parametrize("stored, message", [
+    (_deflate(EMPTY)[:-3], "compressed header is truncated"),
+    (_deflate(EMPTY)[:1], "compressed header is truncated"),
+    (b"", "compressed header is truncated"),
+    (_deflate(EMPTY) + b"\x00\x00", "2 unexpected bytes after the compressed header"),
+    (_deflate(EMPTY) + _deflate(EMPTY), "unexpected bytes after the compressed header"),
+    (b"\xff" * 20, "not a valid DEFLATE stream"),
+    (EMPTY, "not a valid DEFLATE stream"),  # plain JSON behind flag 1
+    (_deflate(b"\xff\xfe{}"), "not valid JSON"),  # not UTF-8
+    (_deflate(b""), "not valid JSON"),
+])
+def test_compressed_header_problems_are_named(stored, message):
+    data = _deflated_header_file(stored)
+    with pytest.raises(ArtifactError, match=message):
+        decode_bytes(data)
+    with pytest.raises(ArtifactError, match=message):
+        size_breakdown(data)
+
+
+@pytest.mark.timeout(60)
+def test_deflate_bomb_header_stops_at_the_cap():
+    # valid JSON that would decode fine if it were let through: only its inflated size is wrong
+    prefix, suffix = b'{"records":[],"metadata":{"x":"', b'"}}'
+    fill = b"a" * (MAX_HEADER_BYTES - len(prefix) - len(suffix))
+    at_cap = _deflated_header_file(_deflate(prefix + fill + suffix))
+    assert decode_bytes(at_cap)[1]["x"] == fill.decode()
+    del at_cap
+    bomb = _deflated_header_file(_deflate(prefix + fill + b"a" + suffix))
+    del fill
+    assert len(bomb) < MAX_HEADER_BYTES // 1000  # DEFLATE's ~1032:1 at most
+    # a bigger bomb (256 MiB inflated) costs no more: inflating stops one byte past the cap
+    deflate, chunk = zlib.compressobj(9, zlib.DEFLATED, -15), b"a" * 2**24
+    huge = deflate.compress(prefix) + b"".join(deflate.compress(chunk) for _ in range(16)) + deflate.flush()
+    start = time.perf_counter()
+    for data in (bomb, _deflated_header_file(huge)):
+        with pytest.raises(ArtifactError, match=rf"inflates to over {MAX_HEADER_BYTES} bytes"):
+            decode_bytes(data)
+    assert time.perf_counter() - start < 10
 
 
 def _edited(edit) -> bytes:
@@ -270,18 +407,28 @@ def test_max_elements_is_enforced_before_decoding():
         decode_bytes(SMALL, max_elements=100)
 
 
-def test_flipping_any_byte_is_detected():
-    for pos in range(len(SMALL)):
+@BOTH
+def test_flipping_any_byte_is_detected(small):
+    for pos in range(len(small)):
         for flip in (0x01, 0x80, 0xFF):
-            data = SMALL[:pos] + bytes([SMALL[pos] ^ flip]) + SMALL[pos + 1:]
+            data = small[:pos] + bytes([small[pos] ^ flip]) + small[pos + 1:]
             with pytest.raises(ArtifactError):
                 decode_bytes(data)
 
 
-def test_truncation_at_every_length_is_detected():
-    for length in range(len(SMALL)):
+@BOTH
+def test_truncation_at_every_length_is_detected(small):
+    for length in range(len(small)):
         with pytest.raises(ArtifactError):
-            decode_bytes(SMALL[:length])
+            decode_bytes(small[:length])
+
+
+def test_every_cut_of_a_compressed_header_with_a_valid_checksum_is_refused():
+    header_len = PREAMBLE.unpack_from(SMALL)[3]
+    stored, payload = SMALL[PREAMBLE.size:PREAMBLE.size + header_len], _split(SMALL)[1]
+    for length in range(header_len):
+        with pytest.raises(ArtifactError, match="compressed header|not valid JSON"):
+            decode_bytes(_assemble(stored[:length], payload, flags=DEFLATED))
 
 
 def _decode_or_artifact_error(data: bytes) -> None:
@@ -324,16 +471,17 @@ def test_fuzzed_headers_with_valid_checksums_raise_only_artifact_error():
 
 
 @pytest.mark.timeout(60)
-def test_fuzzed_bytes_raise_only_artifact_error():
+@BOTH
+def test_fuzzed_bytes_raise_only_artifact_error(small):
     rng = random.Random(2024)
     start = time.perf_counter()
     for _ in range(300):  # random bytes, some behind a valid magic
         junk = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
         _decode_or_artifact_error(junk)
         _decode_or_artifact_error(MAGIC + junk)
-    header_len = PREAMBLE.unpack_from(SMALL)[3]
+    header_len = PREAMBLE.unpack_from(small)[3]
     for _ in range(1500):  # mutations resealed with a valid checksum, so parsing goes deep
-        data = bytearray(SMALL)
+        data = bytearray(small)
         for _ in range(rng.randint(1, 4)):
             # half the time aim at the payload, where the entropy decoders read
             lo = PREAMBLE.size + (header_len if rng.random() < 0.5 else 0)

@@ -5,17 +5,23 @@ Layout, integers little-endian:
     offset   size  field
     0        8     magic b"\\x89DSK\\r\\n\\x1a\\n" (PNG-style: catches text-mode and 7-bit mangling)
     8        2     format version (1)
-    10       2     flags (0; anything else is refused)
-    12       4     header length H
+    10       2     flags: bit 0 = the header is compressed; any other bit set is refused
+    12       4     header length H (as stored: compressed length when bit 0 is set)
     16       8     payload length P
-    24       H     header, UTF-8 JSON: {"records": [...], "metadata": {...}}
+    24       H     header, UTF-8 JSON: {"records": [...], "metadata": {...}};
+                   with flag bit 0, that JSON compressed as one raw DEFLATE stream (RFC 1951)
     24+H     P     payload: every record's streams back to back, in header order
     24+H+P   4     CRC32 of all preceding bytes
 
-Each header record (``formats.records``) lists its streams as [role, byte length] pairs; their
-offsets follow from the order and their lengths must add up to P. Decoding runs no code from the
-file (JSON and raw numpy buffers only), checks the length fields against the file size and the
-checksum before parsing, and refuses more than ``max_elements`` decoded elements in total.
+The encoder compresses the header (zlib level 9) and sets flag bit 0 only when that makes it
+smaller; otherwise it writes flags 0 and the plain JSON, so files from before the flag existed
+and files written now under flags 0 are the same format. Each header record
+(``formats.records``) lists its streams as [role, byte length] pairs; their offsets follow from
+the order and their lengths must add up to P. Decoding runs no code from the file (JSON and raw
+numpy buffers only), checks the length fields against the file size and the checksum before
+inflating or parsing, inflates a compressed header to at most ``MAX_HEADER_BYTES`` (a complete
+stream with nothing after it, or the file is refused), and refuses more than ``max_elements``
+decoded elements in total.
 """
 from __future__ import annotations
 
@@ -35,11 +41,15 @@ from deepshrink.formats import sparse
 from deepshrink.formats.records import RecordKind, TensorRecord, record_for
 from deepshrink.ops import entropy
 
-__all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_ELEMENTS", "RecordKind", "TensorRecord", "record_for",
-           "encode_records", "decode_bytes", "write_container", "read_container", "size_breakdown"]
+__all__ = ["MAGIC", "VERSION", "FLAG_DEFLATE_HEADER", "MAX_HEADER_BYTES", "DEFAULT_MAX_ELEMENTS",
+           "RecordKind", "TensorRecord", "record_for", "encode_records", "decode_bytes", "write_container",
+           "read_container", "size_breakdown"]
 
 MAGIC = b"\x89DSK\r\n\x1a\n"
 VERSION = 1
+FLAG_DEFLATE_HEADER = 1  # flags bit 0: the header is raw-DEFLATE-compressed JSON
+_KNOWN_FLAGS = FLAG_DEFLATE_HEADER
+MAX_HEADER_BYTES = 64 * 2**20  # a compressed header inflates to at most this (a deflate bomb stops here)
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of float32: far above any mobile model
 _PREAMBLE = struct.Struct("<8sHHIQ")
 _CRC = struct.Struct("<I")
@@ -48,8 +58,13 @@ _JSON = dict(separators=(",", ":"), allow_nan=False)
 Records = Iterable[rec.TensorRecord] | Mapping[str, torch.Tensor]
 
 
-def encode_records(records: Records, metadata: Mapping[str, Any] | None = None) -> bytes:
-    """The ``.dsk`` bytes for ``records`` (a state dict is turned into records with ``record_for``)."""
+def encode_records(records: Records, metadata: Mapping[str, Any] | None = None, *,
+                   compress_header: bool = True) -> bytes:
+    """The ``.dsk`` bytes for ``records`` (a state dict is turned into records with ``record_for``).
+
+    The header is stored compressed (flag bit 0) when that is smaller; ``compress_header=False``
+    always writes the plain header with flags 0, byte for byte as before the flag existed.
+    """
     if isinstance(records, Mapping):
         records = [rec.record_for(name, t) for name, t in records.items()]
     metadata = {} if metadata is None else metadata
@@ -70,8 +85,14 @@ def encode_records(records: Records, metadata: Mapping[str, Any] | None = None) 
         header = json.dumps({"records": headers, "metadata": dict(metadata)}, **_JSON).encode("ascii")
     except (TypeError, ValueError) as err:
         raise ConfigError(f"metadata is not plain JSON (dicts, lists, str, finite numbers): {err}") from None
+    flags = 0
+    if compress_header and len(header) <= MAX_HEADER_BYTES:  # larger would not be read back
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        packed = deflate.compress(header) + deflate.flush()
+        if len(packed) < len(header):
+            header, flags = packed, FLAG_DEFLATE_HEADER
     payload = b"".join(chunks)
-    body = _PREAMBLE.pack(MAGIC, VERSION, 0, len(header), len(payload)) + header + payload
+    body = _PREAMBLE.pack(MAGIC, VERSION, flags, len(header), len(payload)) + header + payload
     return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -98,14 +119,29 @@ def size_breakdown(path_or_bytes: str | os.PathLike | bytes, *,
     """Where the bytes go: one dict per record, then one ``kind="file"`` row for the rest.
 
     Bits per record: ``values_bits``, ``positions_bits``, ``codebook_bits``, ``indices_bits``,
-    ``header_bits`` (its JSON entry) and ``total_bits``; ``coded_bits`` is the part that is
-    entropy-coded (relative-index positions, codebook indices) and ``entropy_bound_bits`` the
-    Shannon bound of those symbols. The ``total_bits`` of all rows add up to 8 x file size.
+    ``header_bits`` and ``total_bits``; ``coded_bits`` is the part that is entropy-coded
+    (relative-index positions, codebook indices) and ``entropy_bound_bits`` the Shannon bound of
+    those symbols. ``header_bits`` is 8 x the length of the record's JSON entry (with its comma)
+    in a plain header; in a compressed header it is the record's share of the compressed bytes,
+    in proportion to that JSON entry's length within the whole plain JSON header, rounded down to
+    whole bits. The ``kind="file"`` row has the rest: preamble, checksum, metadata and the JSON
+    around the records (or their share of the compressed header) and any rounding leftovers. All
+    values are integers except ``entropy_bound_bits``; the ``total_bits`` of all rows add up to
+    exactly 8 x file size.
     """
     data = bytes(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else _read(path_or_bytes)
-    records, stream_sets, header_list, _ = _decode_records(data, max_elements)
+    headers, metadata, payload, plain_len = _parse(data)
+    records, stream_sets, header_list, _ = _decode_parsed(headers, metadata, payload, max_elements)
+    entry_lens = [len(json.dumps(fields, **_JSON)) + 1 for fields in header_list]  # + its separating comma
+    _, _, flags, stored_len, _ = _PREAMBLE.unpack_from(data)
+    if flags & FLAG_DEFLATE_HEADER:
+        # never more than the whole compressed header, even if a hand-made header was laid out differently
+        plain_len = max(plain_len, sum(entry_lens), 1)
+        header_shares = [8 * stored_len * n // plain_len for n in entry_lens]
+    else:
+        header_shares = [8 * n for n in entry_lens]
     rows = []
-    for r, fields, streams in zip(records, header_list, stream_sets):
+    for r, fields, streams, header_bits in zip(records, header_list, stream_sets, header_shares):
         bits = {f"{role}_bits": 8 * len(streams.get(role, b"")) for role in ("values", "positions", "codebook", "indices")}
         coded_bits, bound = 0, 0.0
         info = fields.get("positions", {})
@@ -115,7 +151,6 @@ def size_breakdown(path_or_bytes: str | os.PathLike | bytes, *,
         if r.indices is not None:
             coded_bits += bits["indices_bits"]
             bound += entropy.entropy_bits(r.indices.numpy())
-        header_bits = 8 * (len(json.dumps(fields, **_JSON)) + 1)  # + its separating comma
         rows.append({"name": r.name, "kind": r.kind.value, "dtype": r.dtype, "shape": list(r.shape),
                      "numel": r.numel, "nnz": r.nnz, "position_coding": info.get("coding"),
                      "index_bits": info.get("index_bits"), "codebook_size": fields.get("codebook_size"),
@@ -136,17 +171,18 @@ def _read(path: str | os.PathLike) -> bytes:
         raise ArtifactError(f"cannot read .dsk file {str(path)!r}: {err.strerror or err}") from None
 
 
-def _parse(data: bytes) -> tuple[list, dict, bytes]:
-    """(record headers, metadata, payload) after checking magic, version, lengths and checksum."""
+def _parse(data: bytes) -> tuple[list, dict, bytes, int]:
+    """(record headers, metadata, payload, plain header length) after checking magic, version,
+    flags, lengths and checksum, and inflating the header if it is compressed."""
     data = bytes(data)
     if data[:len(MAGIC)] != MAGIC[:len(data)] or not data:
         raise ArtifactError(f"not a .dsk file: it starts with {data[:8]!r}, expected magic {MAGIC!r}")
     if len(data) < _PREAMBLE.size:
         raise ArtifactError(f"truncated at byte {len(data)}: the .dsk preamble is {_PREAMBLE.size} bytes")
     _, version, flags, header_len, payload_len = _PREAMBLE.unpack_from(data)
-    if version != VERSION or flags != 0:
+    if version != VERSION or flags & ~_KNOWN_FLAGS:
         raise ArtifactError(f"unsupported .dsk format version {version} (flags {flags:#x}); this deepshrink "
-                            f"reads version {VERSION} with flags 0: upgrade deepshrink or re-export the model")
+                            f"reads version {VERSION} with flags 0 or 1: upgrade deepshrink or re-export the model")
     expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
     if len(data) < expected:
         raise ArtifactError(f"truncated at byte {len(data)}: the header says the file is {expected} bytes "
@@ -160,20 +196,48 @@ def _parse(data: bytes) -> tuple[list, dict, bytes]:
         raise ArtifactError(f"checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): "
                             f"the file is corrupted")
     header_end = _PREAMBLE.size + header_len
+    text = data[_PREAMBLE.size:header_end]
+    if flags & FLAG_DEFLATE_HEADER:
+        text = _inflate_header(text)
     try:
-        header = json.loads(data[_PREAMBLE.size:header_end].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as err:
         raise ArtifactError(f"header is not valid JSON: {str(err):.200}") from None
     if (not isinstance(header, dict) or not isinstance(header.get("records"), list)
             or not isinstance(header.get("metadata"), dict)):
         raise ArtifactError("header must be a JSON object with a 'records' list and a 'metadata' object")
-    return header["records"], header["metadata"], data[header_end:header_end + payload_len]
+    return header["records"], header["metadata"], data[header_end:header_end + payload_len], len(text)
+
+
+def _inflate_header(packed: bytes) -> bytes:
+    """The plain JSON of a compressed header: one complete raw DEFLATE stream of at most
+    ``MAX_HEADER_BYTES`` inflated bytes with nothing after it, else ``ArtifactError``."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        # one byte over the cap tells "too big" from "exactly the cap"; output stops there
+        text = inflater.decompress(packed, MAX_HEADER_BYTES + 1)
+    except zlib.error as err:
+        raise ArtifactError(f"compressed header is not a valid DEFLATE stream: {err}") from None
+    if len(text) > MAX_HEADER_BYTES:
+        raise ArtifactError(f"compressed header inflates to over {MAX_HEADER_BYTES} bytes, the most a "
+                            f"compressed .dsk header may hold: the file is corrupted or hostile")
+    if not inflater.eof:  # under the cap all input was read, so the stream is cut short
+        raise ArtifactError(f"compressed header is truncated: its {len(packed)} bytes end before the "
+                            f"DEFLATE stream does")
+    if inflater.unused_data:
+        raise ArtifactError(f"{len(inflater.unused_data)} unexpected bytes after the compressed header's "
+                            f"DEFLATE stream")
+    return text
 
 
 def _decode_records(data: bytes, max_elements: int) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]],
                                                              list, dict]:
     """(records, their streams by role, their header entries, metadata)."""
-    headers, metadata, payload = _parse(data)
+    return _decode_parsed(*_parse(data)[:3], max_elements)
+
+
+def _decode_parsed(headers: list, metadata: dict, payload: bytes,
+                   max_elements: int) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]], list, dict]:
     records, stream_sets, names = [], [], set()
     offset, budget = 0, max_elements
     for i, fields in enumerate(headers):
