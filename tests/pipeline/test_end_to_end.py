@@ -213,7 +213,8 @@ def test_variational_dropout_learns_the_sparsity_then_retrains_with_masks_held(t
             {"train": {"epochs": 3}},
             {"prune": {"method": "variational", "skip_classifier": False, "train": {"epochs": 4, "lr": 0.002},
                        "kl_weight": 0.05,  # 1,000 digits against 266,200 weights: the full KL term would prune all
-                       "retrain": {"epochs": 1, "lr": 0.0005, "distill": {"temperature": 2.0, "alpha": 0.5}}}},
+                       "retrain": {"epochs": 1, "lr": 0.0005, "distill": {"temperature": 2.0, "alpha": 0.5}},
+                       "remove_dead": True}},
             {"quantize": {"scheme": "codebook", "method": "kmeans", "bits": 4}},
             {"export": {"formats": ["dsk"]}},
             {"evaluate": {"latency_runs": 0}},
@@ -228,3 +229,7 @@ def test_variational_dropout_learns_the_sparsity_then_retrains_with_masks_held(t
     assert v["compressed .dsk"]["accuracy"] == v["compressed eager (simulated quantized)"]["accuracy"]
     assert v["compressed .dsk"]["accuracy"] > 0.9
     assert v["compressed .dsk"]["nonzero_params"] <= kept + 410  # retraining revived no weight (410 biases)
+    # units nothing reads any more were cut out; the .dsk rebuilds the narrower skeleton
+    widths = summary["removed_dead"]
+    assert widths["hidden.0"]["after"] < 300 and widths["hidden.0"]["after"] % 8 == 0
+    assert v["compressed .dsk"]["params"] < 266_610

@@ -113,12 +113,15 @@ class PruneStage:
     back. With it (``{iterative: {sparsities: [0.5, 0.8]}}``, ``{gradual: {steps: 8}}``) the stage
     alternates prunes and ``retrain`` epochs itself; ``retrain.distill`` distils from the dense model.
     Without a schedule, ``retrain`` trains once after the one-shot prune, masks held.
+    ``remove_dead: true`` then cuts out the units no remaining weight reads (exact; the model
+    gets physically narrower, widths rounded up to the target's channel multiple).
     """
 
     pruning: Any
     schedule: Any = None
     retrain: TrainConfig | None = None
     sensitivity: SensitivityOptions | None = None
+    remove_dead: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class Stage:
                 body["retrain"] = to_dict(self.config.retrain)
             if self.config.sensitivity is not None:
                 body["sensitivity"] = to_dict(self.config.sensitivity)
+            if self.config.remove_dead:
+                body["remove_dead"] = True
         elif self.kind == "quantize":
             body = {"scheme": _name_of(QUANT_SCHEMES, self.config), **body}
         return {self.kind: body}
@@ -214,6 +219,9 @@ def parse_prune(body: dict, path: str) -> PruneStage:
     body = dict(body)
     schedule_raw, retrain_raw = body.pop("schedule", None), body.pop("retrain", None)
     sensitivity_raw = body.pop("sensitivity", None)
+    remove_dead = body.pop("remove_dead", False)
+    if not isinstance(remove_dead, bool):
+        raise ConfigError(f"{path}.remove_dead: expected true or false, got {remove_dead!r}")
     klass, body = _pick(PRUNE_METHODS, "method", body, path)
     pruning = from_dict(klass, body, path)
     schedule = None
@@ -225,9 +233,9 @@ def parse_prune(body: dict, path: str) -> PruneStage:
             raise ConfigError(f"{path}.schedule.{name}: unknown schedule; choose one of {', '.join(SCHEDULES)}")
         schedule = from_dict(SCHEDULES[name], options or {}, f"{path}.schedule.{name}")
     retrain = None if retrain_raw is None else from_dict(TrainConfig, retrain_raw, f"{path}.retrain")
-    if isinstance(pruning, ChannelPruning) and (schedule is not None or sensitivity_raw is not None):
-        raise ConfigError(f"{path}: method 'channels' prunes in its own `steps` (with `retrain` between); "
-                          "remove schedule/sensitivity")
+    if isinstance(pruning, ChannelPruning) and (schedule is not None or sensitivity_raw is not None or remove_dead):
+        raise ConfigError(f"{path}: method 'channels' prunes in its own `steps` (with `retrain` between) and "
+                          "leaves no dead channel; remove schedule/sensitivity/remove_dead")
     if schedule is not None and retrain is None:
         raise ConfigError(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
     sensitivity = None if sensitivity_raw is None else from_dict(SensitivityOptions, sensitivity_raw, f"{path}.sensitivity")
@@ -236,7 +244,7 @@ def parse_prune(body: dict, path: str) -> PruneStage:
                           "learns each layer's sparsity itself: remove sensitivity, or set a sparsity")
     if sensitivity is not None and pruning.overrides:
         raise ConfigError(f"{path}.sensitivity: proposes per-layer sparsities itself; remove overrides or sensitivity")
-    return PruneStage(pruning, schedule, retrain, sensitivity)
+    return PruneStage(pruning, schedule, retrain, sensitivity, remove_dead)
 
 
 def parse_recipe(raw: Any) -> Recipe:

@@ -15,6 +15,7 @@ from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, Pr
 from deepshrink.pipeline.state import RunState
 from deepshrink.pruning import finalize, layer_sensitivity, predicted_drop, propose_sparsities, prune, prune_with_schedule
 from deepshrink.pruning.structured import ChannelPruning, prune_channels
+from deepshrink.pruning.structured.dead import remove_dead_channels
 from deepshrink.quantization import quantize
 from deepshrink.quantization.lowbit import quantized_weights
 from deepshrink.training import TrainConfig, accuracy, fit
@@ -84,10 +85,21 @@ def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
     _baseline(state, ctx)
     if isinstance(stage.pruning, ChannelPruning):
         return _prune_channels(state, stage, ctx)
+    summary = _prune_unstructured(state, stage, ctx)
+    if stage.remove_dead:
+        changed = remove_dead_channels(state.model, ctx.example_batch(8), multiple=ctx.target.channel_multiple)
+        widths = ", ".join(f"{name} {before}->{after}" for name, (before, after) in changed.items()) or "none"
+        summary["removed_dead"] = {name: {"before": b, "after": a} for name, (b, a) in changed.items()}
+        summary["line"] += f"; dead units removed: {widths}"
+    return summary
+
+
+def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     config, extra = stage.pruning, {}
     if stage.sensitivity is not None:
         config, extra = _sensitivity(state, stage, ctx.data)
         extra = {"sensitivity": extra}
+    teacher = state.baseline if stage.retrain is not None and stage.retrain.distill is not None else None
     if stage.schedule is None:
         report = prune(state.model, config, data=ctx.data)
         acc = _test_accuracy(state.model, ctx)
@@ -95,7 +107,6 @@ def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
         if stage.retrain is None:
             return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
         # one-shot prune, then the stage's own retraining with the masks held
-        teacher = state.baseline if stage.retrain.distill is not None else None
         history = fit(state.model, ctx.data, stage.retrain, teacher=teacher, progress=ctx.progress,
                       resume_path=ctx.out_dir / "state" / "retrain-epoch.pt")
         (ctx.out_dir / "state" / "retrain-epoch.pt").unlink(missing_ok=True)
@@ -103,7 +114,6 @@ def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
         return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "test_accuracy": after,
                 "retrain": {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch},
                 "line": f"{line} after pruning, {after:.2%} after {len(history.val_accuracy)} retrain epochs"}
-    teacher = state.baseline if stage.retrain.distill is not None else None
     steps = prune_with_schedule(state.model, config, stage.schedule, data=ctx.data, train_config=stage.retrain,
                                 teacher=teacher, progress=ctx.progress)
     report = next(s.report for s in reversed(steps) if s.report is not None)

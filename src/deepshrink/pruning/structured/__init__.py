@@ -7,9 +7,11 @@ rounds kept widths to the target's channel multiple and replaces the layers with
 The steps are public on their own: ``analyze_channels``, the criteria in ``importance``,
 ``round_channels`` / ``local_counts`` / ``global_counts`` / ``top_channels``, and
 ``ChannelPlan`` with ``mask_channels`` (zeros, the reference) and ``shrink_channels``.
+``remove_dead_channels`` cuts out, exactly, the units that unstructured pruning left unread.
 """
 from deepshrink.pruning.structured.api import ShrinkError, StructuredReport, prune_channels
 from deepshrink.pruning.structured.configs import ChannelPruning
+from deepshrink.pruning.structured.dead import live_channels, remove_dead_channels
 from deepshrink.pruning.structured.dependency import UnprunableLayerWarning, analyze_channels, describe_unsupported
 from deepshrink.pruning.structured.graph import ChannelGraph, ChannelGroup, ParamSlice
 from deepshrink.pruning.structured.importance import bn_scale_scores, magnitude_scores, taylor_scores
@@ -17,7 +19,7 @@ from deepshrink.pruning.structured.shrink import ChannelPlan, mask_channels, shr
 from deepshrink.pruning.structured.widths import global_counts, local_counts, round_channels, top_channels
 
 __all__ = [
-    "prune_channels", "ChannelPruning", "StructuredReport", "ShrinkError", "UnprunableLayerWarning",
+    "prune_channels", "ChannelPruning", "remove_dead_channels", "live_channels", "StructuredReport", "ShrinkError", "UnprunableLayerWarning",
     "analyze_channels", "describe_unsupported", "ChannelGraph", "ChannelGroup", "ParamSlice",
     "magnitude_scores", "bn_scale_scores", "taylor_scores",
     "ChannelPlan", "mask_channels", "shrink_channels",
