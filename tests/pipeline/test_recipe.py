@@ -22,6 +22,21 @@ def test_demo_recipe_is_valid_and_round_trips():
     assert parse_recipe(recipe.as_dict()).fingerprint() == recipe.fingerprint()
 
 
+PACKAGED = sorted(p.stem for p in packaged_recipe("demo").parent.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_every_packaged_recipe_is_valid_and_round_trips(name):
+    recipe = load_recipe(packaged_recipe(name))
+    assert recipe.name == name
+    assert parse_recipe(recipe.as_dict()) == recipe
+
+
+def test_packaged_recipes_are_the_documented_ones():
+    assert PACKAGED == ["deep-compression-lenet-300-100", "deep-compression-lenet-5", "demo",
+                        "sparse-vd-lenet-300-100", "sparse-vd-lenet-5"]
+
+
 @pytest.mark.parametrize("raw, message", [
     (base(modle="x"), r"^recipe\.modle: unknown key; allowed keys: name, model, model_args, data, target, seed, stages$"),
     (base(target="tpu"), r"^target: 'tpu' is not allowed; choose one of 'xnnpack', 'onnxruntime'$"),
