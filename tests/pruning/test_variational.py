@@ -14,6 +14,7 @@ from deepshrink.models.zoo import MLP
 from deepshrink.pipeline.recipe import parse_prune
 from deepshrink.pruning import (
     Gradual, MagnitudePruning, VariationalDropout, kl_to_log_uniform, log_alpha, prune, prune_with_schedule,
+    variational_scores,
 )
 from deepshrink.pruning.variational import LOG_SIGMA2
 from deepshrink.training import TrainConfig, accuracy, fit
@@ -87,10 +88,16 @@ def test_leaves_the_model_as_it_found_it_but_for_weights(noisy_inputs):
 
 
 def test_a_number_ranks_by_log_alpha_and_hits_it_exactly(noisy_inputs):
-    model = _trained(noisy_inputs)
     config = VariationalDropout(sparsity=0.5, train=TrainConfig(epochs=2, lr=1e-2, batch_size=64), skip_classifier=False)
+    reference = _trained(noisy_inputs)  # the same training (seeded) gives the scores prune ranks by
+    weights = {n: p for n, p in reference.named_parameters() if n.endswith("weight")}
+    scores = torch.cat([s.reshape(-1) for s in variational_scores(reference, weights, config, noisy_inputs).values()])
+    model = _trained(noisy_inputs)
     report = prune(model, config, data=noisy_inputs)
-    assert sum(t - k for k, t in report.layers.values()) == round(0.5 * (16 * 8 + 4 * 16))
+    assert sum(t - k for k, t in report.layers.values()) == round(0.5 * (16 * 8 + 4 * 16)) == 96
+    kept = torch.cat([m.reshape(-1) for m in get_masks(model).values()])
+    assert scores[~kept].max() <= scores[kept].min()  # the lowest scores (highest log alpha) went
+    assert torch.equal(kept, scores > scores.sort().values[95])
 
 
 def test_learned_sparsity_is_only_for_criteria_that_learn_it():

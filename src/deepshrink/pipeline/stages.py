@@ -38,9 +38,21 @@ def _baseline(state: RunState, ctx) -> None:
         state.baseline_macs = count_macs(state.baseline, ctx.example_batch(1))
 
 
+def _teacher(state: RunState, config: TrainConfig | None):
+    """The dense baseline when ``config`` distils, else None."""
+    return state.baseline if config is not None and config.distill is not None else None
+
+
+def _fit_resumable(state: RunState, config: TrainConfig, ctx, name: str, teacher=None):
+    """``fit`` with per-epoch state in ``<out>/state/<name>-epoch.pt``, removed once the training ends."""
+    epoch_file = ctx.out_dir / "state" / f"{name}-epoch.pt"
+    history = fit(state.model, ctx.data, config, teacher=teacher, progress=ctx.progress, resume_path=epoch_file)
+    epoch_file.unlink(missing_ok=True)
+    return history
+
+
 def _train(state: RunState, config: TrainConfig, ctx) -> dict:
-    history = fit(state.model, ctx.data, config, progress=ctx.progress, resume_path=ctx.out_dir / "state" / "train-epoch.pt")
-    (ctx.out_dir / "state" / "train-epoch.pt").unlink(missing_ok=True)
+    history = _fit_resumable(state, config, ctx, "train")
     state.baseline = None
     _baseline(state, ctx)
     acc = _test_accuracy(state.model, ctx)
@@ -71,9 +83,8 @@ def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict
 
 
 def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
-    teacher = state.baseline if stage.retrain is not None and stage.retrain.distill is not None else None
     report = prune_channels(state.model, stage.pruning, example_input=ctx.example_batch(8), data=ctx.data,
-                            target=ctx.target.name, train_config=stage.retrain, teacher=teacher)
+                            target=ctx.target.name, train_config=stage.retrain, teacher=_teacher(state, stage.retrain))
     acc = _test_accuracy(state.model, ctx)
     layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
     return {"structured": report.as_dict(), "layers": layers, "test_accuracy": acc,
@@ -99,7 +110,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     if stage.sensitivity is not None:
         config, extra = _sensitivity(state, stage, ctx.data)
         extra = {"sensitivity": extra}
-    teacher = state.baseline if stage.retrain is not None and stage.retrain.distill is not None else None
+    teacher = _teacher(state, stage.retrain)
     if stage.schedule is None:
         report = prune(state.model, config, data=ctx.data)
         acc = _test_accuracy(state.model, ctx)
@@ -107,9 +118,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
         if stage.retrain is None:
             return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
         # one-shot prune, then the stage's own retraining with the masks held
-        history = fit(state.model, ctx.data, stage.retrain, teacher=teacher, progress=ctx.progress,
-                      resume_path=ctx.out_dir / "state" / "retrain-epoch.pt")
-        (ctx.out_dir / "state" / "retrain-epoch.pt").unlink(missing_ok=True)
+        history = _fit_resumable(state, stage.retrain, ctx, "retrain", teacher)
         after = _test_accuracy(state.model, ctx)
         return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "test_accuracy": after,
                 "retrain": {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch},
@@ -125,10 +134,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
 
 def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
     _baseline(state, ctx)
-    teacher = state.baseline if config.distill is not None else None
-    history = fit(state.model, ctx.data, config, teacher=teacher, progress=ctx.progress,
-                  resume_path=ctx.out_dir / "state" / "finetune-epoch.pt")
-    (ctx.out_dir / "state" / "finetune-epoch.pt").unlink(missing_ok=True)
+    history = _fit_resumable(state, config, ctx, "finetune", _teacher(state, config))
     acc = _test_accuracy(state.model, ctx)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
             "masks_kept": bool(get_masks(state.model)), "line": f"test accuracy {acc:.2%}"}

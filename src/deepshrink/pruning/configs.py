@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from deepshrink.core.config import check
 from deepshrink.core.errors import ConfigError
-from deepshrink.ops.masks import NM, parse_pattern
+from deepshrink.ops.masks import ELEMENT, NM, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class PruningConfig:
         if self.sparsity is None:
             check(self.learns_sparsity, "sparsity", f"is required for {type(self).__name__}, e.g. sparsity: 0.9 "
                   "(only a criterion that learns its own sparsity, such as variational dropout, may leave it out)")
-            check(not (self.overrides or self.groups) and parse_pattern(self.pattern) == parse_pattern("element"),
+            check(not (self.overrides or self.groups) and parse_pattern(self.pattern) == ELEMENT,
                   "sparsity", "a learned sparsity (sparsity: null) keeps what the criterion learned; "
                   "overrides, groups and patterns need a sparsity to rank by, so set one")
             return

@@ -52,10 +52,10 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, *, multi
     groups = graph.groups()
     keeps = []
     for group, live in zip(groups, live_channels(model, graph, groups)):
-        count = min(group.size, max(multiple, math.ceil(int(live.sum()) / multiple) * multiple))
+        alive = int(live.sum())
+        count = min(group.size, max(multiple, math.ceil(alive / multiple) * multiple))
         keep = live.clone()
-        for index in torch.nonzero(~live).reshape(-1)[: count - int(live.sum())]:
-            keep[index] = True  # pad to the multiple with dead channels: they change nothing
+        keep[torch.nonzero(~live).reshape(-1)[: count - alive]] = True  # pad with dead channels: they change nothing
         keeps.append(keep)
     changed = {name: (before, after) for name, (before, after)
                in shrink_channels(model, ChannelPlan.from_keep(graph, groups, keeps)).items() if before != after}
