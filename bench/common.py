@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def provenance(command: str, threads: int | None = None) -> str:
-    from deepshrink.pipeline.metrics_doc import cpu_model, versions
+    from deepshrink.core.cpu import cpu_info
+    from deepshrink.pipeline.metrics_doc import versions
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -21,7 +23,8 @@ def provenance(command: str, threads: int | None = None) -> str:
         f"- command: `{command}`",
         f"- commit: `{commit}`{' (with uncommitted changes)' if dirty else ''}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- CPU: {cpu_model()} (2 cores; AVX-512 VNNI and AMX: int8 gains here overstate ARM phones)",
+        f"- CPU: {cpu_info().describe()}, {os.cpu_count()} cores — features read from /proc/cpuinfo",
+        f"- what that means: {cpu_info().int8_caveat()}",
         f"- packages: {pkgs}",
     ]
     if threads is not None:

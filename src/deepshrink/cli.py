@@ -83,7 +83,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = load_data(args.data, data_dir=args.data_dir, image_size=args.image_size)
     metrics = evaluate(args.model, data.test, threads=args.threads, latency_runs=args.runs, warmup=args.warmup)
     if args.json:
-        print(json.dumps(metrics.as_dict(), indent=2))
+        from deepshrink.core.cpu import cpu_info
+
+        print(json.dumps({**metrics.as_dict(), "cpu": cpu_info().as_dict()}, indent=2))
         return 0
     d = metrics.as_dict()
     print(f"{d['artifact']} ({d['runtime']}, {d['threads']} thread(s))")
@@ -96,7 +98,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"  file size       {d['file_bytes']:,} B  (gzip {d['gzip_bytes']:,} B)")
     if d["latency_ms_median"] is not None:
         print(f"  latency batch 1 median {d['latency_ms_median']:.3f} ms, p90 {d['latency_ms_p90']:.3f} ms over {d['latency_runs']} runs")
-        print("  (this CPU has AVX-512 VNNI/AMX: int8 speed-ups here overstate ARM phones)")
+    for check in d.get("parity") or []:
+        verdict = "ok" if check.get("passed", True) else "FAILED: " + "; ".join(check.get("failures", []))
+        steps = f", p99 {check['p99_steps']:.2f} output steps" if check.get("p99_steps") is not None else ""
+        agree = f", top-1 agreement {100 * check['argmax_agreement']:.1f} %" if check.get("argmax_agreement") is not None else ""
+        print(f"  export parity   {check['runtime']}: max |Δ| {check['max_abs_diff']:.3g}{steps}{agree} — {verdict}")
+    from deepshrink.core.cpu import cpu_info
+
+    print(f"  CPU             {cpu_info().describe()}")
+    print(f"  ({cpu_info().int8_caveat()})")
     return 0
 
 

@@ -6,8 +6,35 @@ ONNX Runtime's CPU execution provider with a QDQ graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from deepshrink.core.errors import ConfigError
+
+# How int8 activations and weights are laid out, in ONNX Runtime's terms (activation, weight):
+#   s8s8          int8 activations, int8 weights in [-127, 127]     XNNPACK's scheme
+#   s8s8-reduced  int8 activations, 7-bit weights in [-63, 63]      ORT's ``reduce_range``
+#   u8s8-reduced  uint8 activations, 7-bit weights in [-63, 63]
+#   u8s8          uint8 activations, int8 weights in [-127, 127]
+#   u8u8          uint8 activations, uint8 weights (zero point 128)
+# On x86 without VNNI, ONNX Runtime's u8 x s8 kernels add two products into a saturating int16
+# (``vpmaddubsw``): 255 * 127 * 2 = 64,770 > 32,767, so full-range int8 weights can overflow.
+# With 7-bit weights a pair is at most 255 * 63 * 2 = 32,130, and u8 x u8 runs a widening kernel:
+# those layouts cannot saturate on any CPU. ``bench/results/ort_int8.md`` measures all five.
+Int8Layout = Literal["s8s8", "s8s8-reduced", "u8s8-reduced", "u8s8", "u8u8"]
+INT8_LAYOUTS: tuple[str, ...] = ("s8s8", "s8s8-reduced", "u8s8-reduced", "u8s8", "u8u8")
+SATURATION_SAFE_LAYOUTS: tuple[str, ...] = ("s8s8-reduced", "u8s8-reduced", "u8u8")
+XNNPACK_LAYOUTS: tuple[str, ...] = ("s8s8", "s8s8-reduced")   # XNNPACK runs signed int8 only
+
+
+def layout_ranges(layout: str) -> dict:
+    """``{activation_dtype, weight_dtype, weight_qmin, weight_qmax}`` of an int8 layout (dtype names)."""
+    if layout not in INT8_LAYOUTS:
+        raise ConfigError(f"int8_layout: {layout!r} is not one of {', '.join(INT8_LAYOUTS)}")
+    activation = "uint8" if layout.startswith("u8") else "int8"
+    if layout == "u8u8":
+        return {"activation_dtype": activation, "weight_dtype": "uint8", "weight_qmin": 0, "weight_qmax": 255}
+    bound = 63 if layout.endswith("-reduced") else 127
+    return {"activation_dtype": activation, "weight_dtype": "int8", "weight_qmin": -bound, "weight_qmax": bound}
 
 
 @dataclass(frozen=True)
@@ -16,6 +43,7 @@ class QuantizerSettings:
     symmetric_weights: bool = True
     activation_bits: int = 8
     weight_bits: tuple[int, ...] = (8,)  # widths the runtime executes natively
+    int8_layout: Int8Layout = "s8s8"     # see INT8_LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -39,11 +67,31 @@ TARGETS: dict[str, TargetProfile] = {
     "onnxruntime": TargetProfile(
         name="onnxruntime",
         export_format="onnx",
-        quantizer=QuantizerSettings(per_channel_weights=True, symmetric_weights=True, weight_bits=(8,)),
+        # the file's CPU is unknown: a layout that cannot saturate on x86 without VNNI, and of those
+        # the fastest measured (u8 activations run ORT's u8s8 kernels directly)
+        quantizer=QuantizerSettings(per_channel_weights=True, symmetric_weights=True, weight_bits=(8,),
+                                    int8_layout="u8s8-reduced"),
         channel_multiple=8,
         description="ONNX QDQ graph run by ONNX Runtime's CPU execution provider",
     ),
 }
+
+
+def runtime_of(fmt: str) -> str:
+    """The target profile whose runtime executes files of format ``fmt`` (``pte`` or ``onnx``)."""
+    return next(name for name, profile in TARGETS.items() if profile.export_format == fmt)
+
+
+def common_int8_layout(formats: tuple[str, ...] | list[str], target: "TargetProfile") -> str:
+    """One int8 layout every runtime in ``formats`` executes correctly: the target's own when it
+    serves them all; with a ``.pte`` among them, XNNPACK's signed layout made saturation-safe
+    when ONNX Runtime must run the same weights too."""
+    formats = tuple(formats) or (target.export_format,)
+    if set(formats) <= {target.export_format}:
+        return target.quantizer.int8_layout
+    if "pte" in formats:
+        return "s8s8-reduced" if "onnx" in formats else TARGETS["xnnpack"].quantizer.int8_layout
+    return TARGETS[runtime_of(formats[0])].quantizer.int8_layout
 
 
 def get_target(name: str) -> TargetProfile:

@@ -8,15 +8,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepshrink.core.cpu import cpu_info
 from deepshrink.core.errors import ExportError
 from deepshrink.core.graph import capture
-from deepshrink.core.targets import TargetProfile, get_target
+from deepshrink.core.targets import SATURATION_SAFE_LAYOUTS, XNNPACK_LAYOUTS, TargetProfile, get_target
+from deepshrink.deploy import parity as parity_check
+from deepshrink.deploy.lowering import to_onnx, to_pte
 from deepshrink.evaluation.counting import count_macs, parameter_counts
 from deepshrink.evaluation.runners import open_runner
-from deepshrink.deploy.lowering import to_onnx, to_pte
 from deepshrink.formats.sidecar import write_sidecar
 
 FORMATS = {".pte": to_pte, ".onnx": to_onnx, ".dsk": None}  # .dsk: deepshrink's compressed container
+
+
+PARITY_MODES = ("fail", "warn")
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,12 @@ class ExportResult:
     path: Path
     file_bytes: int
     parity_max_abs_diff: float   # runtime output vs the module's own, on the example batch
-    parity_argmax_agreement: float
+    parity_argmax_agreement: float | None
+    parity: tuple[parity_check.Parity, ...] = ()   # the runtime on this CPU, then any emulated kernels
+
+    @property
+    def parity_passed(self) -> bool:
+        return all(p.passed for p in self.parity)
 
 
 def export(
@@ -34,30 +44,42 @@ def export(
     example_input: torch.Tensor,
     target: TargetProfile | str = "xnnpack",
     macs: int | None = None,
+    parity: str = "fail",
 ) -> ExportResult:
     """Write ``model`` as ``path`` (format from the suffix) and a ``<path>.json`` sidecar.
 
-    ``example_input`` is a batch of real samples: the parity check runs it through the
-    exported file and the module and records how far apart they are. ``macs``: the dense
-    model's MACs, when the module is a quantized graph that cannot count its own.
+    ``example_input`` is a batch of real samples: the parity gate (``deploy.parity``) runs it
+    through the exported file and the module; beyond tolerance, ``parity="fail"`` removes the file
+    and raises ``ParityError`` naming the figure, the tolerance, the CPU and the likely fix, and
+    ``parity="warn"`` keeps it and records the failure. ``macs``: the dense model's MACs, when the
+    module is a quantized graph that cannot count its own.
     """
     path = Path(path)
     profile = get_target(target) if isinstance(target, str) else target
     if path.suffix not in FORMATS:
         raise ExportError(f"{path}: unknown export format {path.suffix!r}; use .pte (ExecuTorch/XNNPACK), .onnx or .dsk")
+    if parity not in PARITY_MODES:
+        raise ExportError(f"export: parity={parity!r} is not one of {', '.join(PARITY_MODES)}")
     if getattr(model, "_deepshrink_masks", None):
         raise ExportError("export: the model still carries pruning masks; call deepshrink.pruning.finalize(model) first")
+    quant_info = getattr(model, "_deepshrink_quant", None) or {}
+    layout = quant_info.get("int8_layout") if parity_check.is_quantized(model) else None
+    if path.suffix == ".pte" and layout is not None and layout not in XNNPACK_LAYOUTS:
+        raise ExportError(f"{path}: int8 layout {layout!r} has unsigned tensors, which XNNPACK does not run; quantize with "
+                          f"int8_layout one of {', '.join(XNNPACK_LAYOUTS)} for a .pte, or export .onnx")
     extra: dict = {}
     if path.suffix == ".dsk":
         extra["sparse_compute"] = _write_dsk(model, path, example_input)
     else:
         program = capture(model, example_input, max_batch=profile.max_batch)
         FORMATS[path.suffix](program, path)
-    with torch.no_grad():
-        reference = model(example_input)
-        produced = open_runner(path).predict(example_input)
-    diff = float((reference - produced).abs().max())
-    agreement = float((reference.argmax(1) == produced.argmax(1)).float().mean())
+    checks, saturation = _parity_checks(model, path, example_input, layout)
+    try:
+        parity_check.gate(path, checks, fmt=path.suffix[1:], layout=layout, enforce=parity == "fail")
+    except parity_check.ParityError:
+        path.unlink(missing_ok=True)   # a file known to be wrong is not left where a deployment would find it
+        raise
+    diff, agreement = checks[0].max_abs_diff, checks[0].argmax_agreement
     params, nonzero = parameter_counts(model)
     if macs is None:
         try:
@@ -67,9 +89,34 @@ def export(
     write_sidecar(path, {
         "format": path.suffix[1:], "target": profile.name, "params": params, "nonzero_params": nonzero, "macs": macs,
         "parity_max_abs_diff": diff, "parity_argmax_agreement": agreement, "example_batch": int(example_input.shape[0]),
+        "parity": [p.as_dict() for p in checks], "parity_passed": all(p.passed for p in checks), "cpu": cpu_info().as_dict(),
+        "int8_layout": layout, "x86_saturation": saturation,
         "quantization": getattr(model, "_deepshrink_quant", None), **extra,
     })
-    return ExportResult(path, path.stat().st_size, diff, agreement)
+    return ExportResult(path, path.stat().st_size, diff, agreement, tuple(checks))
+
+
+def _parity_checks(model: nn.Module, path: Path, example_input: torch.Tensor, layout: str | None):
+    """The file's runtime on this CPU against the module; for an int8 ONNX file whose layout can
+    saturate, also the emulated x86-without-VNNI kernels. Returns the checks and the saturation counts."""
+    runner = open_runner(path)
+    with torch.no_grad():
+        reference = model(example_input)
+        produced = runner.predict(example_input)
+    quantized = parity_check.is_quantized(model)
+    step = parity_check.output_step(model) if quantized else None
+    checks = [parity_check.measure(reference, produced, runtime=runner.runtime, step=step, quantized=quantized)]
+    saturation = None
+    if path.suffix == ".onnx" and quantized:
+        if layout in SATURATION_SAFE_LAYOUTS:
+            saturation = {"layout": layout, "can_saturate": False}
+        else:
+            from deepshrink.quantization.saturation import emulate_x86_without_vnni
+
+            emulated, report = emulate_x86_without_vnni(model, example_input)
+            saturation = {"layout": layout, "can_saturate": True, **report.as_dict()}
+            checks.append(parity_check.measure(reference, emulated, runtime=parity_check.EMULATED, step=step, quantized=True))
+    return checks, saturation
 
 
 def _write_dsk(model: nn.Module, path: Path, example_input: torch.Tensor) -> list[dict]:

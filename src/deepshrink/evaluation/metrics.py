@@ -40,6 +40,7 @@ class Metrics:
     latency_ms_p90: float | None
     threads: int
     latency_runs: int
+    parity: list | None = None     # the export-time parity checks recorded in the sidecar (files only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +73,7 @@ def describe(artifact: nn.Module | str | os.PathLike, runner, test: Dataset, *, 
         "artifact": label or (str(artifact) if not isinstance(artifact, nn.Module) else type(artifact).__name__),
         "runtime": runner.runtime, "accuracy": accuracy, "test_samples": n,
         "params": None, "nonzero_params": None, "macs": None, "counts_source": "model",
-        "file_bytes": None, "gzip_bytes": None, "threads": runner.threads,
+        "file_bytes": None, "gzip_bytes": None, "threads": runner.threads, "parity": None,
     }
     if isinstance(runner, EagerRunner):
         info["params"], info["nonzero_params"] = parameter_counts(runner.model)
@@ -82,6 +83,7 @@ def describe(artifact: nn.Module | str | os.PathLike, runner, test: Dataset, *, 
         payload = path.read_bytes()
         info["file_bytes"], info["gzip_bytes"] = len(payload), len(gzip.compress(payload, 9))
         sidecar = read_sidecar(path) or {}
+        info["parity"] = sidecar.get("parity")
         if path.suffix == ".onnx":
             info["params"], info["nonzero_params"] = onnx_parameter_counts(path)
             info["counts_source"] = "file"

@@ -5,7 +5,10 @@ Top-level keys: ``schema``, ``created``, ``recipe`` (the validated recipe), ``en
 ``stages`` (per stage: recipe entry, seconds, summary), ``variants`` (per variant label: role
 ``fp32``/``compressed``, format ``eager``/``pte``/``onnx``, runtime, accuracy, test_samples, params,
 nonzero_params, macs, counts_source, file_bytes, gzip_bytes, latency_ms_median, latency_ms_p90,
-latency_runs, threads, parity_max_abs_diff), ``checks`` (derived comparisons) and ``notes``.
+latency_runs, threads, parity_max_abs_diff, parity (each check: runtime, figures, failures, passed),
+parity_passed), ``checks`` (derived comparisons) and ``notes`` (failed parity first, then the int8
+caveat derived from the CPU features found). ``environment`` has ``cpu``, ``cpu_arch``,
+``cpu_features`` (read from the machine, ``core.cpu``).
 """
 from __future__ import annotations
 
@@ -15,23 +18,25 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from deepshrink.core.cpu import cpu_info
 from deepshrink.core.io import atomic_write_text
 
 SCHEMA = "deepshrink.metrics/1"
-LATENCY_NOTE = (
-    "Latency was measured on this machine's x86 CPU, which has AVX-512 VNNI and AMX: int8 gains here "
-    "overstate what ARM phones see. Ratios measured in one run (interleaved) are what transfer, not milliseconds."
-)
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_info().model
+
+
+def parity_notes(variants: dict[str, dict]) -> list[str]:
+    """One note per exported variant whose parity check failed (kept with ``parity: warn``)."""
+    notes = []
+    for label, v in variants.items():
+        for check in v.get("parity") or []:
+            if not check.get("passed", True):
+                notes.append(f"PARITY FAILED: {label} in {check['runtime']}: {'; '.join(check['failures'])} — "
+                             "this file does not compute what the model computes; do not ship it.")
+    return notes
 
 
 def versions() -> dict[str, str]:
@@ -50,12 +55,13 @@ def build_metrics(state, ctx, evaluate_config) -> dict:
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": ctx.recipe.as_dict(),
-        "environment": {"cpu": cpu_model(), "threads": evaluate_config.threads, "python": platform.python_version(), "packages": versions()},
+        "environment": {"cpu": cpu_model(), "cpu_arch": cpu_info().arch, "cpu_features": list(cpu_info().features),
+                        "threads": evaluate_config.threads, "python": platform.python_version(), "packages": versions()},
         "data": {"name": ctx.data.name, "splits": ctx.data.sizes()},
         "stages": state.log,
         "variants": variants,
         "checks": derive_checks(variants),
-        "notes": [LATENCY_NOTE],
+        "notes": parity_notes(variants) + [cpu_info().int8_caveat()],
     }
 
 

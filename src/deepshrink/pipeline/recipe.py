@@ -67,14 +67,18 @@ class LoadStage:
 @dataclass(frozen=True)
 class ExportStage:
     """Which files to write (default: the target's own format). ``baseline``: also export the
-    dense fp32 model for comparison."""
+    dense fp32 model for comparison. ``parity``: ``fail`` stops the run when a file's outputs in
+    its runtime are beyond tolerance from the module's (``deploy.parity``); ``warn`` keeps the
+    file and the report shows the failure in red."""
 
     formats: tuple[Literal["pte", "onnx", "dsk"], ...] | None = None
     baseline: bool = True
     parity_samples: int = 64
+    parity: Literal["fail", "warn"] = "fail"
 
     def __post_init__(self) -> None:
         check(self.formats is None or len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx', 'dsk'")
+        check(self.parity_samples >= 1, "parity_samples", f"{self.parity_samples} must be >= 1")
 
 
 @dataclass(frozen=True)

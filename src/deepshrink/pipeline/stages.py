@@ -140,9 +140,42 @@ def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
             "masks_kept": bool(get_masks(state.model)), "line": f"test accuracy {acc:.2%}"}
 
 
+def _export_formats(ctx) -> tuple[str, ...]:
+    """Every runtime format the recipe's export stages will write."""
+    formats: list[str] = []
+    for stage in ctx.recipe.stages:
+        if stage.kind == "export":
+            formats += [f for f in stage.config.formats or (ctx.target.export_format,) if f != "dsk"]
+    return tuple(dict.fromkeys(formats))
+
+
+def _with_int8_layout(config, ctx):
+    """``config`` with its int8 layout resolved for every runtime the recipe exports to, when it
+    leaves the layout to the target (``int8_layout: null``), and the reason, for the log."""
+    import dataclasses
+
+    from deepshrink.core.targets import common_int8_layout
+
+    formats = _export_formats(ctx)
+    layout = common_int8_layout(formats, ctx.target)
+    reason = f"int8 layout {layout} (for {' and '.join('.' + f for f in formats) or 'the target'})"
+    if hasattr(config, "ptq") and hasattr(config, "qat"):   # the budget loop nests both schemes
+        inner = {k: getattr(config, k) for k in ("ptq", "qat")}
+        if all(c.int8_layout is not None for c in inner.values()):
+            return config, None
+        return dataclasses.replace(config, **{k: dataclasses.replace(c, int8_layout=c.int8_layout or layout)
+                                              for k, c in inner.items()}), reason
+    if getattr(config, "int8_layout", "given") is not None:
+        return config, None
+    return dataclasses.replace(config, int8_layout=layout), reason
+
+
 def _quantize(state: RunState, config, ctx) -> dict:
     _baseline(state, ctx)
     finalize(state.model)
+    config, reason = _with_int8_layout(config, ctx)
+    if reason:
+        ctx.log(f"      {reason}")
     float_macs = count_macs(state.model, ctx.example_batch(1))  # a quantized graph cannot count its own
     state.model = quantize(state.model, config, data=ctx.data, target=ctx.target)
     state.quantization = {**state.model._deepshrink_quant, "macs": float_macs}
@@ -166,13 +199,18 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
     for role, module, macs in jobs:
         for fmt in config.formats or (ctx.target.export_format,):
             path = ctx.out_dir / f"{role}.{fmt}"
-            result = export(module, path, example_input=example, target=ctx.target, macs=macs)
+            result = export(module, path, example_input=example, target=ctx.target, macs=macs, parity=config.parity)
             state.exports[f"{role} .{fmt}"] = {
                 "path": str(path), "role": role, "format": fmt, "file_bytes": result.file_bytes,
                 "parity_max_abs_diff": result.parity_max_abs_diff, "parity_argmax_agreement": result.parity_argmax_agreement,
+                "parity": [p.as_dict() for p in result.parity], "parity_passed": result.parity_passed,
                 "sparse_compute": (read_sidecar(path) or {}).get("sparse_compute"),
             }
-            lines.append(f"{path.name} {result.file_bytes / 1024:.0f} KiB")
+            flag = "" if result.parity_passed else " PARITY FAILED (kept: parity: warn)"
+            lines.append(f"{path.name} {result.file_bytes / 1024:.0f} KiB{flag}")
+            if not result.parity_passed:
+                ctx.log(f"      {path.name}: parity beyond tolerance: "
+                        + "; ".join(f"{p.runtime}: {', '.join(p.failures)}" for p in result.parity if not p.passed))
     return {"exports": state.exports, "line": ", ".join(lines)}
 
 
@@ -194,8 +232,10 @@ def _evaluate(state: RunState, config: EvaluateStage, ctx) -> dict:
 def _role(label: str, state: RunState) -> dict:
     info = state.exports.get(label)
     if info is not None:
-        return {"role": info["role"], "format": info["format"], "parity_max_abs_diff": info["parity_max_abs_diff"]}
-    return {"role": FP32 if label.startswith(FP32) else COMPRESSED, "format": "eager", "parity_max_abs_diff": None}
+        return {"role": info["role"], "format": info["format"], "parity_max_abs_diff": info["parity_max_abs_diff"],
+                "parity": info.get("parity"), "parity_passed": info.get("parity_passed")}
+    return {"role": FP32 if label.startswith(FP32) else COMPRESSED, "format": "eager", "parity_max_abs_diff": None,
+            "parity": None, "parity_passed": None}
 
 
 def _report(state: RunState, config: ReportStage, ctx) -> dict:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deepshrink.core.config import check
+from deepshrink.core.targets import INT8_LAYOUTS, Int8Layout
 
 Calibration = Literal["minmax", "histogram", "percentile", "mse", "entropy"]
 Equalization = Literal["none", "cle", "cle_relu6_as_relu"]
@@ -38,6 +39,9 @@ class Int8Static:
     conv/linear pairs joined by ReLU (exact in float); ``cle_relu6_as_relu`` also equalizes
     across ReLU6/hardtanh by replacing them with ReLU, as Nagel et al. do for MobileNetV2
     (this changes the float model).
+    ``int8_layout``: activation dtype and weight range (``core.targets.INT8_LAYOUTS``); ``None``
+    takes the target's (``s8s8`` for XNNPACK, ``u8s8-reduced`` for ONNX Runtime: 7-bit weights,
+    which ONNX Runtime's x86 kernels cannot saturate on CPUs without VNNI).
     """
 
     calibration: Calibration = "histogram"
@@ -47,6 +51,7 @@ class Int8Static:
     bias_correction: bool = False
     equalization: Equalization = "none"
     fp32_layers: tuple[str, ...] = ()
+    int8_layout: Int8Layout | None = None
 
     def __post_init__(self) -> None:
         check(self.calibration_samples >= 1, "calibration_samples", f"{self.calibration_samples} must be >= 1")
@@ -54,6 +59,7 @@ class Int8Static:
               f"{self.percentile} is outside (50, 100]; it is the share of values kept, e.g. 99.99")
         check(self.calibration == "percentile" or self.percentile == DEFAULT_PERCENTILE, "percentile",
               f"{self.percentile} has no effect with calibration={self.calibration!r}; set calibration='percentile' or drop it")
+        _check_layout(self.int8_layout)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class Int8Dynamic:
 
     per_channel: bool | None = None
     fp32_layers: tuple[str, ...] = ()
+    int8_layout: Int8Layout | None = None
+
+    def __post_init__(self) -> None:
+        _check_layout(self.int8_layout)
 
 
 @dataclass(frozen=True)
@@ -85,11 +95,13 @@ class Int8QAT:
     per_channel: bool | None = None
     fp32_layers: tuple[str, ...] = ()
     seed: int = 0
+    int8_layout: Int8Layout | None = None
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", f"{self.epochs} must be >= 1; use Int8Static for no training")
         check(self.lr > 0, "lr", f"{self.lr} must be > 0")
         check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+        _check_layout(self.int8_layout)
 
 
 @dataclass(frozen=True)
@@ -106,3 +118,8 @@ class Int8WithinBudget:
     def __post_init__(self) -> None:
         check(self.max_drop_pt >= 0, "max_drop_pt", f"{self.max_drop_pt} must be >= 0 (accuracy points, e.g. 0.5)")
         check(self.max_fp32_layers >= 0, "max_fp32_layers", f"{self.max_fp32_layers} must be >= 0")
+
+
+def _check_layout(layout: str | None) -> None:
+    check(layout is None or layout in INT8_LAYOUTS, "int8_layout",
+          f"{layout!r} is not one of {', '.join(INT8_LAYOUTS)} (or null for the target's)")

@@ -19,6 +19,7 @@ from typing import Callable
 
 def dynamic_quant_translations() -> dict[Callable, Callable]:
     import torch
+    import torchao.quantization.pt2e  # noqa: F401  (registers quantized_decomposed: a float export must not need an earlier quantize)
     from onnxscript import ir
     from onnxscript import opset18 as op
 

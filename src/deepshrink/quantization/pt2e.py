@@ -49,8 +49,10 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
     graph, equalization = float_graph(model, data.example_input(), max_batch=target.max_batch, equalization=config.equalization)
     reference = copy.deepcopy(graph) if config.bias_correction else None
+    layout = config.int8_layout or target.quantizer.int8_layout
     quantizer = build_quantizer(
-        quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile),
+        quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile,
+                            int8_layout=layout),
         fp32_layers=fp32,
     )
     prepared = prepare_pt2e(graph, quantizer)
@@ -59,7 +61,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     converted = convert_pt2e(prepared)
     details = {
         "calibration": config.calibration, "calibration_samples_used": seen, "per_channel": per_channel,
-        "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32),
+        "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32), "int8_layout": layout,
     }
     if reference is not None:
         from deepshrink.quantization.bias_correction import calibration_batches, correct_bias
@@ -82,13 +84,15 @@ def quantize_dynamic(model: nn.Module, config: Int8Dynamic, data: DataSplits, ta
         )
     fp32 = check_fp32_layers(model, config.fp32_layers)
     graph = capture(model, data.example_input(), max_batch=target.max_batch).module()
-    prepared = prepare_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, dynamic=True), fp32_layers=fp32))
+    layout = config.int8_layout or target.quantizer.int8_layout
+    prepared = prepare_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, dynamic=True, int8_layout=layout),
+                                                   fp32_layers=fp32))
     # weight observers record only when they run: without this pass every weight scale stays at its
     # default (1.0 per tensor, one entry per channel) — the cause of the old export failures
     with torch.no_grad():
         prepared(data.example_input(2))
     converted = convert_pt2e(prepared)
-    object.__setattr__(converted, "_deepshrink_quant", {"per_channel": per_channel, "fp32_layers": list(fp32)})
+    object.__setattr__(converted, "_deepshrink_quant", {"per_channel": per_channel, "fp32_layers": list(fp32), "int8_layout": layout})
     return converted
 
 

@@ -35,7 +35,9 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
     per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
     graph = capture_for_training(copy.deepcopy(model), data.example_input(), max_batch=target.max_batch)
     fold_padding_into_conv(graph)
-    prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True), fp32_layers=fp32))
+    layout = config.int8_layout or target.quantizer.int8_layout
+    prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True, int8_layout=layout),
+                                                       fp32_layers=fp32))
     allow_train_eval(prepared)
     train = TrainConfig(
         epochs=config.epochs, lr=config.lr, optimizer=config.optimizer, batch_size=config.batch_size,
@@ -44,7 +46,7 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
     history = fit(prepared, data, train, progress=progress)
     prepared.eval()
     object.__setattr__(prepared, "_deepshrink_quant", {
-        "per_channel": per_channel, "fp32_layers": list(fp32), "qat_val_accuracy": history.val_accuracy,
+        "per_channel": per_channel, "fp32_layers": list(fp32), "qat_val_accuracy": history.val_accuracy, "int8_layout": layout,
     })
     return prepared
 

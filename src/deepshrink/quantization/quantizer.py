@@ -33,21 +33,38 @@ TRANSPOSED_TARGETS = (torch.ops.aten.conv_transpose1d.default, torch.ops.aten.co
 
 
 def quantization_config(*, per_channel: bool, dynamic: bool = False, qat: bool = False,
-                        calibration: str = "histogram", percentile: float = 99.99):
-    """XNNPACK's symmetric int8 config with our activation observer for static PTQ."""
+                        calibration: str = "histogram", percentile: float = 99.99, int8_layout: str = "s8s8"):
+    """XNNPACK's symmetric int8 config with our activation observer for static PTQ, laid out as
+    ``int8_layout`` (``core.targets.INT8_LAYOUTS``: activation dtype and weight range)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
     from deepshrink.quantization.observers import CalibrationObserver
 
     config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic, is_qat=qat)
     if dynamic:
-        return config
+        # activations are quantized at run time by the graph itself (int8); only the weight range applies
+        return _with_layout(config, int8_layout, activations=False)
     if qat:
-        return _unfused_qat(config, per_channel)
+        return _with_layout(_unfused_qat(config, per_channel), int8_layout)
     observer = CalibrationObserver.with_args(method=calibration, percentile=percentile, eps=2**-12)
     act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
     # one spec object for inputs and outputs: PT2E then shares an observer along each edge
-    return dataclasses.replace(config, input_activation=act, output_activation=act)
+    return _with_layout(dataclasses.replace(config, input_activation=act, output_activation=act), int8_layout)
+
+
+def _with_layout(config, layout: str, *, activations: bool = True):
+    """``config`` with the activation dtype and weight range of ``layout``. PT2E builds each
+    observer from its spec's dtype and range, so replacing the spec fields is enough."""
+    from deepshrink.core.targets import layout_ranges
+
+    ranges = layout_ranges(layout)
+    weight = dataclasses.replace(config.weight, dtype=getattr(torch, ranges["weight_dtype"]),
+                                 quant_min=ranges["weight_qmin"], quant_max=ranges["weight_qmax"])
+    config = dataclasses.replace(config, weight=weight)
+    if activations and ranges["activation_dtype"] == "uint8":
+        act = dataclasses.replace(config.input_activation, dtype=torch.uint8, quant_min=0, quant_max=255)
+        config = dataclasses.replace(config, input_activation=act, output_activation=act)
+    return config
 
 
 def _unfused_qat(config, per_channel: bool):

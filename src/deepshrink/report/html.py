@@ -12,7 +12,8 @@ STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.note{background:#fff8e1;padding:8px 12px;border-left:4px solid #f0b400}
-code{background:#f3f3f3;padding:1px 4px}
+code{background:#f3f3f3;padding:1px 4px}.bad{background:#fde2e2;color:#a00;font-weight:bold}
+.alarm{background:#fde2e2;padding:8px 12px;border-left:4px solid #c00;color:#700}
 """
 
 
@@ -48,10 +49,25 @@ def _variants_table(variants: dict[str, dict]) -> str:
             html.escape(label), html.escape(v["runtime"]), _fmt(v["accuracy"], "pct"), _fmt(v.get("file_bytes"), "kib"),
             _fmt(v.get("gzip_bytes"), "kib"), _fmt(v.get("params")), _fmt(v.get("nonzero_params")), _fmt(sparsity, "pct"),
             _fmt(v.get("macs")), _fmt(v.get("latency_ms_median"), "ms"), _fmt(v.get("latency_ms_p90"), "ms"),
-            _fmt(v.get("parity_max_abs_diff")),
+            _parity_cell(v),
         ])
     return _table(["variant", "runtime", "test accuracy", "file KiB", "gzip KiB", "params", "non-zero", "zeros",
-                   "MACs", "latency median ms", "p90 ms", "export parity |Δ|max"], rows)
+                   "MACs", "latency median ms", "p90 ms", "export parity (file vs module)"], rows)
+
+
+def _parity_cell(v: dict) -> str:
+    """Each parity check of an exported variant; a failed one in red."""
+    checks = v.get("parity")
+    if not checks:
+        return _fmt(v.get("parity_max_abs_diff"))
+    parts = []
+    for c in checks:
+        figure = f"p99 {c['p99_steps']:.2f} steps" if c.get("p99_steps") is not None else f"|Δ|max {c['max_abs_diff']:.3g}"
+        if c.get("argmax_agreement") is not None:
+            figure += f", top-1 {100 * c['argmax_agreement']:.1f} %"
+        text = html.escape(f"{c['runtime']}: {figure}")
+        parts.append(text if c.get("passed", True) else f"<span class='bad'>{text} FAILED</span>")
+    return "<br>".join(parts)
 
 
 def _stage_sections(stages: list[dict]) -> str:
@@ -95,8 +111,11 @@ def render_report(document: dict, *, title: str) -> str:
         f"splits {html.escape(json.dumps(document.get('data', {}).get('splits', {})))}; accuracy is on the full test split, "
         "measured through each file in its own runtime.</p>",
         "<h2>Variants</h2>", _variants_table(variants),
-        "".join(f'<p class="note">{html.escape(n)}</p>' for n in document.get("notes", [])),
-        f"<p>CPU: {html.escape(env.get('cpu', '?'))}; threads: {env.get('threads')}; batch 1; {packages}.</p>",
+        "".join(f'<p class="{"alarm" if n.startswith("PARITY FAILED") else "note"}">{html.escape(n)}</p>'
+                for n in document.get("notes", [])),
+        f"<p>CPU: {html.escape(env.get('cpu', '?'))} ({html.escape(env.get('cpu_arch', '?'))}); ISA features found: "
+        f"{html.escape(', '.join(env.get('cpu_features') or []) or 'none of AVX2, AVX-512, VNNI, AMX, NEON, dotprod')}; "
+        f"threads: {env.get('threads')}; batch 1; {packages}.</p>",
     ]
     if plot:
         sections.append(f'<h2>Accuracy against size</h2><img alt="accuracy against size" src="{plot}">')

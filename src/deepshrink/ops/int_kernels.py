@@ -1,0 +1,51 @@
+"""Integer dot products as x86 int8 kernels compute them: exact, and with int16 pair saturation.
+
+x86 without VNNI has no int8 dot product that accumulates in int32. ONNX Runtime's u8 x s8
+GEMM (MLAS, AVX2) therefore runs ``vpmaddubsw``: it multiplies unsigned bytes of A with signed
+bytes of B and adds each *adjacent pair* of products into an int16, **saturating** at
+[-32768, 32767]; ``vpmaddwd`` then widens the pairs into int32 sums without further loss. A pair
+of two full-range products (255 * 127 * 2 = 64,770) overflows; with weights in [-63, 63] a pair is
+at most 255 * 63 * 2 = 32,130, and nothing can. VNNI's ``vpdpbusd`` sums four products straight
+into int32 and never saturates.
+
+Pairs are adjacent along the reduction axis (k, k + 1), k even, as MLAS packs B.
+"""
+from __future__ import annotations
+
+import torch
+
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+def max_pair_sum(a_max: int, w_absmax: int) -> int:
+    """The largest |pair sum| unsigned activations up to ``a_max`` and weights up to ``w_absmax`` can make."""
+    return 2 * a_max * w_absmax
+
+
+def pair_sums(a_u8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
+    """``[N, M, ceil(K / 2)]`` int32 pair sums ``a[n, 2i] w[m, 2i] + a[n, 2i+1] w[m, 2i+1]`` of
+    ``a_u8`` ``[N, K]`` (values 0..255) and ``w_s8`` ``[M, K]`` (values -128..127)."""
+    n, k = a_u8.shape
+    if k % 2:
+        a_u8 = torch.nn.functional.pad(a_u8, (0, 1))
+        w_s8 = torch.nn.functional.pad(w_s8, (0, 1))
+    a = a_u8.to(torch.int32).reshape(n, -1, 2)
+    w = w_s8.to(torch.int32).reshape(w_s8.shape[0], -1, 2)
+    return a[:, None, :, 0] * w[None, :, :, 0] + a[:, None, :, 1] * w[None, :, :, 1]
+
+
+def u8s8_dot(a_u8: torch.Tensor, w_s8: torch.Tensor, *, saturate_pairs: bool, chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """``[N, M]`` int64 dot products ``a_u8 @ w_s8.T`` and how many pair sums went out of int16.
+
+    ``saturate_pairs=True`` clamps every pair sum to int16 first, as ``vpmaddubsw`` does; the
+    count is the same either way (it is what a saturating kernel would have clipped).
+    """
+    out, clipped = [], 0
+    for start in range(0, a_u8.shape[0], chunk):
+        pairs = pair_sums(a_u8[start:start + chunk], w_s8)
+        over = (pairs > INT16_MAX) | (pairs < INT16_MIN)
+        clipped += int(over.sum())
+        if saturate_pairs:
+            pairs = pairs.clamp(INT16_MIN, INT16_MAX)
+        out.append(pairs.sum(-1, dtype=torch.int64))
+    return torch.cat(out) if out else torch.zeros(0, w_s8.shape[0], dtype=torch.int64), clipped

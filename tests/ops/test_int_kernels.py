@@ -1,0 +1,35 @@
+"""vpmaddubsw's arithmetic: pairs of u8 x s8 products summed into a saturating int16."""
+import torch
+
+from deepshrink.ops.int_kernels import INT16_MAX, max_pair_sum, pair_sums, u8s8_dot
+
+
+def test_exact_dot_products_match_a_matmul():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (7, 33), generator=g)       # odd K: the last element pairs with zero
+    w = torch.randint(-127, 128, (5, 33), generator=g)
+    exact, _ = u8s8_dot(a, w, saturate_pairs=False)
+    assert torch.equal(exact, a.long() @ w.long().T)
+
+
+def test_full_range_pairs_saturate_and_7_bit_pairs_cannot():
+    a = torch.full((1, 4), 255)
+    w = torch.full((1, 4), 127)
+    assert pair_sums(a, w).flatten().tolist() == [64770, 64770]
+    saturated, clipped = u8s8_dot(a, w, saturate_pairs=True)
+    assert clipped == 2 and saturated.item() == 2 * INT16_MAX          # 65,534 instead of 129,540
+    assert max_pair_sum(255, 127) > INT16_MAX >= max_pair_sum(255, 63) == 32130
+    # every extreme of a 7-bit weight range against every u8 extreme: nothing leaves int16
+    extremes_a = torch.tensor([[0, 0], [255, 255], [255, 0], [0, 255]])
+    extremes_w = torch.tensor([[-63, -63], [63, 63], [-63, 63], [63, -63]])
+    assert u8s8_dot(extremes_a, extremes_w, saturate_pairs=True)[1] == 0
+
+
+def test_saturation_count_does_not_depend_on_clamping():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(200, 256, (16, 64), generator=g)
+    w = torch.randint(100, 128, (8, 64), generator=g)
+    exact, clipped_exact = u8s8_dot(a, w, saturate_pairs=False)
+    saturated, clipped = u8s8_dot(a, w, saturate_pairs=True)
+    assert clipped == clipped_exact == 16 * 8 * 32
+    assert bool((saturated < exact).all())
