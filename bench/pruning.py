@@ -139,7 +139,7 @@ Gradient and Taylor scores are accumulated over 8 batches of 64.
 
 ## Latency at batch 1, one thread, measured interleaved in one run (1,000 calls each after 100 warm-up)
 
-This CPU has AVX-512 VNNI and AMX: absolute numbers do not transfer to phones; the ratios are the point.
+Absolute numbers from this CPU do not transfer to phones; the ratios are the point (what its features mean is in the header).
 
 | variant | runtime | test error % | file bytes | median µs | p90 µs |
 |---|---|---:|---:|---:|---:|

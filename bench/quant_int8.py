@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import REPO, SHARED_DATA, provenance
 
+from deepshrink.core.cpu import cpu_info
+
 import torch
 
 METHODS = ("minmax", "histogram", "percentile", "mse", "entropy")
@@ -245,7 +247,7 @@ this layer's input quantizer and int8 weights on the float input):
   into an int8 kernel, so "int8 dynamic | onnxruntime" is slower than fp32; use the static QDQ model for ORT.
 - The `deepshrink evaluate` latency above comes from a separate, non-interleaved run: compare it with nothing
   in the table.
-- This CPU has AVX-512 VNNI and AMX: int8 speed-ups measured here overstate ARM phones.
+- {cpu_info().int8_caveat()}
 
 Not measured: on-device (ARM) latency — no phone on this machine; the spread over several training seeds —
 one seed to keep the run under 20 minutes; QAT for more than {args.qat_epochs} epoch(s); CLE with the other

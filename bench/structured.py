@@ -21,6 +21,8 @@ import torch
 from baselines import RECIPES, dense_baseline, mnist
 from common import REPO, SHARED_DATA, provenance
 
+from deepshrink.core.cpu import cpu_info
+
 from deepshrink.data import load
 from deepshrink.deploy import export
 from deepshrink.evaluation.compare import evaluate_many
@@ -242,7 +244,7 @@ statistics included), the `.onnx` count from the file's initializers (BatchNorm 
 ## Not measured, and caveats
 
 - int8: these are fp32 models; structured pruning composes with `deepshrink.quantize` but that is not measured here.
-- This CPU (AVX-512) is not a phone CPU: absolute microseconds do not transfer; the ratios, measured interleaved, are the claim.
+- This CPU is not a phone CPU ({cpu_info().describe()}): absolute microseconds do not transfer; the ratios, measured interleaved, are the claim.
 - One seed, one run per number; the spread over seeds is not measured.
 """
     (REPO / "bench" / "results" / "structured.md").write_text(text)

@@ -68,7 +68,9 @@ def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None) 
     for label, v in result.state.variants.items():
         size = f"{v['file_bytes'] / 1024:8.1f} KiB" if v.get("file_bytes") else " " * 12
         lat = f"{v['latency_ms_median']:.3f} ms" if v.get("latency_ms_median") is not None else ""
-        print(f"  {label:38s} {v['runtime']:12s} acc {100 * v['accuracy']:6.2f} %  {size}  {lat}")
+        score = f"acc {100 * v['accuracy']:6.2f} %" if v["accuracy"] is not None else (
+            f"{v['fidelity']['headline']} {v['fidelity']['value']:.4f}" if v.get("fidelity") else "")
+        print(f"  {label:38s} {v['runtime']:12s} {score}  {size}  {lat}")
     if result.metrics_path:
         print(f"metrics: {result.metrics_path}")
     if result.report_path:
@@ -89,7 +91,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     d = metrics.as_dict()
     print(f"{d['artifact']} ({d['runtime']}, {d['threads']} thread(s))")
-    print(f"  test accuracy   {100 * d['accuracy']:.2f} %  (error {100 * (1 - d['accuracy']):.2f} %, {d['test_samples']} samples of {args.data})")
+    if d["accuracy"] is not None:
+        print(f"  test accuracy   {100 * d['accuracy']:.2f} %  (error {100 * (1 - d['accuracy']):.2f} %, {d['test_samples']} samples of {args.data})")
     if d["params"] is not None:
         print(f"  parameters      {d['params']:,}  non-zero {d['nonzero_params']:,}  ({d['counts_source']})")
     if d["macs"] is not None:

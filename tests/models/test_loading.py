@@ -58,8 +58,21 @@ def test_user_model_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="importing .*bad.py failed: ImportError: boom"):
         load(f"{tmp_path / 'bad.py'}:Tiny")
     (tmp_path / "mine.py").write_text(USER_MODEL)
-    with pytest.raises(ModelLoadError, match="has no nn.Module subclass named 'Nope'"):
+    with pytest.raises(ModelLoadError, match="mine.py defines no 'Nope'"):
         load(f"{tmp_path / 'mine.py'}:Nope")
+    (tmp_path / "loaders.py").write_text(
+        "import sys\nfrom torch import nn\nVALUE = 3\n"
+        "def pretrained(width=4):\n    return nn.Linear(2, width)\n"
+        "def wrong():\n    return 'weights.bin'\n"
+        "def leaves():\n    sys.exit(3)\n")
+    model = load(f"{tmp_path / 'loaders.py'}:pretrained", width=5)        # a loader function, not only a class
+    assert isinstance(model, torch.nn.Linear) and model.out_features == 5
+    with pytest.raises(ModelLoadError, match=r"wrong\(\*\*\{\}\) in .*loaders.py returned a str, not an nn.Module"):
+        load(f"{tmp_path / 'loaders.py'}:wrong")
+    with pytest.raises(ModelLoadError, match="'VALUE' in .*loaders.py is a int, not an nn.Module class"):
+        load(f"{tmp_path / 'loaders.py'}:VALUE")
+    with pytest.raises(ModelLoadError, match=r"leaves\(\*\*\{\}\) failed: SystemExit: 3"):   # sys.exit is reported, not obeyed
+        load(f"{tmp_path / 'loaders.py'}:leaves")
 
 
 def test_pickles_are_refused_and_garbage_is_reported(tmp_path):

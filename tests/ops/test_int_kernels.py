@@ -15,7 +15,7 @@ def test_exact_dot_products_match_a_matmul():
 def test_full_range_pairs_saturate_and_7_bit_pairs_cannot():
     a = torch.full((1, 4), 255)
     w = torch.full((1, 4), 127)
-    assert pair_sums(a, w).flatten().tolist() == [64770, 64770]
+    assert pair_sums(a, w).flatten().tolist() == [64770.0, 64770.0]
     saturated, clipped = u8s8_dot(a, w, saturate_pairs=True)
     assert clipped == 2 and saturated.item() == 2 * INT16_MAX          # 65,534 instead of 129,540
     assert max_pair_sum(255, 127) > INT16_MAX >= max_pair_sum(255, 63) == 32130

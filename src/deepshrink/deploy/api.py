@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepshrink.core import samples as S
 from deepshrink.core.cpu import cpu_info
+from deepshrink.core.graph import DynamicSpec
+from deepshrink.core.outputs import output_tensors
 from deepshrink.core.errors import ExportError
 from deepshrink.core.graph import capture
 from deepshrink.core.targets import SATURATION_SAFE_LAYOUTS, XNNPACK_LAYOUTS, TargetProfile, get_target
@@ -45,13 +48,19 @@ def export(
     target: TargetProfile | str = "xnnpack",
     macs: int | None = None,
     parity: str = "fail",
+    parity_samples: list | None = None,
+    dynamic: "DynamicSpec | None" = None,
+    static_batch: bool = False,
 ) -> ExportResult:
     """Write ``model`` as ``path`` (format from the suffix) and a ``<path>.json`` sidecar.
 
-    ``example_input`` is a batch of real samples: the parity gate (``deploy.parity``) runs it
-    through the exported file and the module; beyond tolerance, ``parity="fail"`` removes the file
+    ``example_input`` is a batch of real samples (a tensor, tuple or dict of tensors; the graph
+    is traced with it) and the parity gate (``deploy.parity``) runs it — or ``parity_samples``, a
+    list of unbatched samples that may differ in shape — through the exported file and the module; beyond tolerance, ``parity="fail"`` removes the file
     and raises ``ParityError`` naming the figure, the tolerance, the CPU and the likely fix, and
-    ``parity="warn"`` keeps it and records the failure. ``macs``: the dense model's MACs, when the
+    ``parity="warn"`` keeps it and records the failure. ``dynamic``: the dimensions that vary besides
+    the batch, per input name or position (``{"input_ids": {1: (2, 128)}}``, see ``core.graph``);
+    ``static_batch``: batch fixed to 1 (the phone's case: one delegate call). ``macs``: the dense model's MACs, when the
     module is a quantized graph that cannot count its own.
     """
     path = Path(path)
@@ -63,6 +72,8 @@ def export(
     if getattr(model, "_deepshrink_masks", None):
         raise ExportError("export: the model still carries pruning masks; call deepshrink.pruning.finalize(model) first")
     quant_info = getattr(model, "_deepshrink_quant", None) or {}
+    if dynamic is None:
+        dynamic = quant_info.get("dynamic")   # a graph quantized with dynamic dimensions exports with them
     layout = quant_info.get("int8_layout") if parity_check.is_quantized(model) else None
     if path.suffix == ".pte" and layout is not None and layout not in XNNPACK_LAYOUTS:
         raise ExportError(f"{path}: int8 layout {layout!r} has unsigned tensors, which XNNPACK does not run; quantize with "
@@ -71,9 +82,10 @@ def export(
     if path.suffix == ".dsk":
         extra["sparse_compute"] = _write_dsk(model, path, example_input)
     else:
-        program = capture(model, example_input, max_batch=profile.max_batch)
+        program = capture(model, example_input, max_batch=profile.max_batch, dynamic=dynamic, static_batch=static_batch)
         FORMATS[path.suffix](program, path)
-    checks, saturation = _parity_checks(model, path, example_input, layout)
+    batches = list(S.batches(parity_samples, 64)) if parity_samples else [example_input]
+    checks, saturation = _parity_checks(model, path, batches, layout)
     try:
         parity_check.gate(path, checks, fmt=path.suffix[1:], layout=layout, enforce=parity == "fail")
     except parity_check.ParityError:
@@ -88,35 +100,13 @@ def export(
             macs = None
     write_sidecar(path, {
         "format": path.suffix[1:], "target": profile.name, "params": params, "nonzero_params": nonzero, "macs": macs,
-        "parity_max_abs_diff": diff, "parity_argmax_agreement": agreement, "example_batch": int(example_input.shape[0]),
+        "parity_max_abs_diff": diff, "parity_argmax_agreement": agreement, "example_batch": S.batch_size(example_input),
+        "parity_batches": [list(S.shapes(b)) for b in batches], "dynamic": _plain(dynamic), "static_batch": static_batch,
         "parity": [p.as_dict() for p in checks], "parity_passed": all(p.passed for p in checks), "cpu": cpu_info().as_dict(),
         "int8_layout": layout, "x86_saturation": saturation,
         "quantization": getattr(model, "_deepshrink_quant", None), **extra,
     })
     return ExportResult(path, path.stat().st_size, diff, agreement, tuple(checks))
-
-
-def _parity_checks(model: nn.Module, path: Path, example_input: torch.Tensor, layout: str | None):
-    """The file's runtime on this CPU against the module; for an int8 ONNX file whose layout can
-    saturate, also the emulated x86-without-VNNI kernels. Returns the checks and the saturation counts."""
-    runner = open_runner(path)
-    with torch.no_grad():
-        reference = model(example_input)
-        produced = runner.predict(example_input)
-    quantized = parity_check.is_quantized(model)
-    step = parity_check.output_step(model) if quantized else None
-    checks = [parity_check.measure(reference, produced, runtime=runner.runtime, step=step, quantized=quantized)]
-    saturation = None
-    if path.suffix == ".onnx" and quantized:
-        if layout in SATURATION_SAFE_LAYOUTS:
-            saturation = {"layout": layout, "can_saturate": False}
-        else:
-            from deepshrink.quantization.saturation import emulate_x86_without_vnni
-
-            emulated, report = emulate_x86_without_vnni(model, example_input)
-            saturation = {"layout": layout, "can_saturate": True, **report.as_dict()}
-            checks.append(parity_check.measure(reference, emulated, runtime=parity_check.EMULATED, step=step, quantized=True))
-    return checks, saturation
 
 
 def _write_dsk(model: nn.Module, path: Path, example_input: torch.Tensor) -> list[dict]:
@@ -141,3 +131,37 @@ def _write_dsk(model: nn.Module, path: Path, example_input: torch.Tensor) -> lis
         raise ExportError(f"{path}: {err}") from None
     decisions = choose_sparse_compute(copy.deepcopy(model), example_input)
     return [d.as_dict() for d in decisions]
+def _parity_checks(model: nn.Module, path: Path, batches: list, layout: str | None):
+    """The file's runtime on this CPU against the module, over every batch; for an int8 ONNX file
+    whose layout can saturate, also the emulated x86-without-VNNI kernels. Returns the checks and
+    the saturation counts."""
+    runner = open_runner(path)
+    with torch.no_grad():
+        references = [output_tensors(S.call(model, b)) for b in batches]
+        produced = [runner.predict_all(b) for b in batches]
+    quantized = parity_check.is_quantized(model)
+    steps = parity_check.output_steps(model) if quantized else []
+    checks = [parity_check.measure_outputs(references, produced, runtime=runner.runtime, steps=steps, quantized=quantized)]
+    saturation = None
+    if path.suffix == ".onnx" and quantized:
+        if layout in SATURATION_SAFE_LAYOUTS:
+            saturation = {"layout": layout, "can_saturate": False}
+        else:
+            from deepshrink.quantization.saturation import emulate_x86_without_vnni
+
+            emulated, counts = [], {"total_pairs": 0, "total_saturated": 0}
+            for b in batches:
+                out, report = emulate_x86_without_vnni(model, b)
+                emulated.append(output_tensors(out))
+                counts["total_pairs"] += report.total_pairs
+                counts["total_saturated"] += report.total_saturated
+            saturation = {"layout": layout, "can_saturate": True, **counts}
+            checks.append(parity_check.measure_outputs(references, emulated, runtime=parity_check.EMULATED, steps=steps,
+                                                       quantized=True))
+    return checks, saturation
+
+
+def _plain(dynamic) -> dict | None:
+    if not dynamic:
+        return None
+    return {str(k): {str(d): list(r) for d, r in dims.items()} for k, dims in dynamic.items()}

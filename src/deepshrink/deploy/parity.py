@@ -23,6 +23,7 @@ machine but wrong on the CPUs it will meet is caught here, on any machine.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,21 +83,33 @@ class ParityError(ExportError):
         self.parity = parity
 
 
-def output_step(model) -> float | None:
-    """The quantization step of a PT2E graph's output, when its output is a dequantize node."""
+def output_steps(model) -> list[float | None]:
+    """Per output of a PT2E graph: its quantization step when it comes from a dequantize node."""
     graph = getattr(model, "graph", None)
-    if graph is None:
-        return None
-    output = next((n for n in graph.nodes if n.op == "output"), None)
+    output = next((n for n in graph.nodes if n.op == "output"), None) if graph is not None else None
     if output is None:
-        return None
-    first = output.args[0]
-    while isinstance(first, (tuple, list)) and first:
-        first = first[0]
-    if getattr(first, "op", None) == "call_function" and "dequantize_per_tensor" in str(first.target):
-        scale = first.args[1]
-        return float(scale) if isinstance(scale, (int, float)) else None
-    return None
+        return []
+
+    def leaves(arg):
+        if isinstance(arg, (tuple, list)):
+            return [x for a in arg for x in leaves(a)]
+        if isinstance(arg, dict):
+            return [x for a in arg.values() for x in leaves(a)]
+        return [arg]
+
+    steps = []
+    for node in leaves(output.args[0]):
+        scale = None
+        if getattr(node, "op", None) == "call_function" and "dequantize_per_tensor" in str(node.target):
+            scale = node.args[1] if isinstance(node.args[1], (int, float)) else None
+        steps.append(float(scale) if scale is not None else None)
+    return steps
+
+
+def output_step(model) -> float | None:
+    """The quantization step of a PT2E graph's first output (None when it is not quantized)."""
+    steps = output_steps(model)
+    return steps[0] if steps else None
 
 
 def is_quantized(model) -> bool:
@@ -105,29 +118,39 @@ def is_quantized(model) -> bool:
         n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes)
 
 
-def measure(reference: torch.Tensor, produced: torch.Tensor, *, runtime: str, step: float | None,
-            quantized: bool) -> Parity:
-    """Compare ``produced`` with ``reference`` and judge it against ``TOLERANCES``."""
-    reference, produced = reference.detach().float(), produced.detach().float()
-    if reference.shape != produced.shape:
-        return Parity(runtime, int(reference.shape[0]) if reference.ndim else 1, "float", float("inf"), None,
-                      failures=(f"output shape {tuple(produced.shape)} != {tuple(reference.shape)}",))
-    diff = (reference - produced).abs()
-    samples = int(reference.shape[0]) if reference.ndim else 1
-    agreement = None
-    if reference.ndim >= 2 and reference.shape[-1] >= 2:
-        agreement = float((reference.argmax(-1) == produced.argmax(-1)).float().mean())
-    max_abs = float(diff.max()) if diff.numel() else 0.0
+def measure(reference, produced, *, runtime: str, step: float | None, quantized: bool) -> Parity:
+    """Compare ``produced`` with ``reference`` and judge it against ``TOLERANCES``.
+
+    Each side is a tensor, or a list of tensors (the same output over several batches, e.g. of
+    different sequence lengths): differences are pooled over all of them.
+    """
+    refs = [reference] if isinstance(reference, torch.Tensor) else list(reference)
+    prods = [produced] if isinstance(produced, torch.Tensor) else list(produced)
+    samples = sum(int(r.shape[0]) if r.ndim else 1 for r in refs)
+    diffs, agree, rows, ref_max, lo, hi = [], 0, 0, 0.0, float("inf"), float("-inf")
     failures: list[str] = []
-    if not torch.isfinite(produced).all():
-        failures.append("non-finite outputs")
+    for r, p in zip(refs, prods, strict=True):
+        r, p = r.detach().float(), p.detach().float()
+        if r.shape != p.shape:
+            return Parity(runtime, samples, "float", float("inf"), None,
+                          failures=(f"output shape {tuple(p.shape)} != {tuple(r.shape)}",))
+        if not torch.isfinite(p).all() and "non-finite outputs" not in failures:
+            failures.append("non-finite outputs")
+        diffs.append((r - p).abs().flatten())
+        if r.ndim >= 2 and r.shape[-1] >= 2:
+            agree += int((r.argmax(-1) == p.argmax(-1)).sum())
+            rows += r.argmax(-1).numel()
+        if r.numel():
+            ref_max, lo, hi = max(ref_max, float(r.abs().max())), min(lo, float(r.min())), max(hi, float(r.max()))
+    flat = torch.cat(diffs) if diffs else torch.zeros(0)
+    agreement = agree / rows if rows else None
+    max_abs = float(flat.max()) if flat.numel() else 0.0
     if not quantized:
         kind, tol = "float", TOLERANCES["float"]
-        bound = tol["max_abs_rel"] * (1 + float(reference.abs().max()))
+        bound = tol["max_abs_rel"] * (1 + ref_max)
         if max_abs > bound:
             failures.append(f"max |Δ| {max_abs:.3g} > {bound:.3g}")
         return Parity(runtime, samples, kind, max_abs, agreement, failures=tuple(failures))
-    flat = diff.flatten()
     p99 = float(flat.quantile(0.99)) if flat.numel() > 1 else max_abs
     if step:
         kind, tol = "quantized", TOLERANCES["quantized"]
@@ -139,13 +162,26 @@ def measure(reference: torch.Tensor, produced: torch.Tensor, *, runtime: str, st
             failures.append(f"mean |Δ| {parity['mean_steps']:.2f} output steps > {tol['mean_steps']}")
     else:
         kind, tol = "quantized-float-output", TOLERANCES["quantized-float-output"]
-        span = float(reference.max() - reference.min()) or 1.0
+        span = (hi - lo) if hi > lo else 1.0
         parity = dict(p99_range_fraction=p99 / span)
         if parity["p99_range_fraction"] > tol["p99_range_fraction"]:
             failures.append(f"p99 |Δ| {parity['p99_range_fraction']:.1%} of the output range > {tol['p99_range_fraction']:.0%}")
     if agreement is not None and agreement < tol["argmax_agreement"]:
         failures.append(f"argmax agreement {agreement:.1%} < {tol['argmax_agreement']:.0%}")
     return Parity(runtime, samples, kind, max_abs, agreement, failures=tuple(failures), **parity)
+
+
+def measure_outputs(references: list[tuple], produced: list[tuple], *, runtime: str, steps: list[float | None],
+                    quantized: bool) -> Parity:
+    """One ``Parity`` over every output of every batch: the worst output's figures, every output's failures."""
+    n_out = len(references[0])
+    per_output = [measure([r[i] for r in references], [p[i] for p in produced], runtime=runtime,
+                          step=steps[i] if i < len(steps) else None, quantized=quantized) for i in range(n_out)]
+    if len(per_output) == 1:
+        return per_output[0]
+    worst = max(per_output, key=lambda q: (not q.passed, q.p99_steps or 0.0, q.max_abs_diff))
+    failures = tuple(f"output {i}: {f}" for i, q in enumerate(per_output) for f in q.failures)
+    return dataclasses.replace(worst, failures=failures, extra={"outputs": len(per_output)})
 
 
 def likely_cause(parity: Parity, *, fmt: str, layout: str | None) -> str:

@@ -15,7 +15,7 @@ from deepshrink.evaluation.metrics import percentile
 
 
 def interleaved_latency(
-    predictors: Sequence[Callable[[torch.Tensor], object]], x: torch.Tensor, *, runs: int, warmup: int
+    predictors: Sequence[Callable[[object], object]], x, *, runs: int, warmup: int
 ) -> list[dict[str, float]]:
     """Per predictor: median and p90 of ``runs`` batch-``len(x)`` calls, in milliseconds."""
     for predict in predictors:
@@ -35,14 +35,21 @@ def interleaved_latency(
 
 
 def evaluate_many(
-    artifacts: dict[str, object], test, *, threads: int = 1, latency_runs: int = 200, warmup: int = 20
+    artifacts: dict[str, object], test, *, threads: int = 1, latency_runs: int = 200, warmup: int = 20,
+    reference: object | None = None, fidelity: str | None = None, metric=None,
 ) -> dict[str, "Metrics"]:
-    """``evaluate`` for several artifacts, with their latencies measured interleaved in one run."""
-    from deepshrink.evaluation.metrics import Metrics, describe
+    """``evaluate`` for several artifacts, with their latencies measured interleaved in one run and
+    their fidelity to ``reference`` (the fp32 model) computed from one pass of the reference."""
+    from deepshrink.core import samples as S
+    from deepshrink.evaluation.metrics import Metrics, describe, eval_batches, run_outputs
     from deepshrink.evaluation.runners import open_runner
 
     runners = {label: open_runner(a, threads=threads) for label, a in artifacts.items()}
-    infos = {label: describe(artifacts[label], r, test, label=label) for label, r in runners.items()}
-    x1 = test[0][0].unsqueeze(0).contiguous()
+    reference_outputs = None
+    if reference is not None:
+        reference_outputs = run_outputs(open_runner(reference, threads=threads), eval_batches(test)[0])
+    infos = {label: describe(artifacts[label], r, test, label=label, reference_outputs=reference_outputs,
+                             fidelity_kind=fidelity, metric=metric) for label, r in runners.items()}
+    x1 = S.stack([test[0][0]])
     latencies = interleaved_latency([r.predict for r in runners.values()], x1, runs=latency_runs, warmup=warmup)
     return {label: Metrics(**infos[label], **lat) for label, lat in zip(runners, latencies)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepshrink.core import samples as S
+
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) over every tensor the module stores.
@@ -61,7 +63,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int | None:
     if not handles:
         return None
     try:
-        model(example_input[:1])
+        S.call(model, S.take(example_input, 0, 1))
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from deepshrink.core import samples as S
 from deepshrink.core.timing import time_calls
+from deepshrink.data.splits import NO_LABEL
 from deepshrink.evaluation.counting import count_macs, onnx_parameter_counts, parameter_counts
 from deepshrink.evaluation.runners import EagerRunner, open_runner
 from deepshrink.formats.sidecar import read_sidecar
@@ -28,7 +30,7 @@ class Metrics:
 
     artifact: str
     runtime: str
-    accuracy: float
+    accuracy: float | None          # None without labels: see ``fidelity``
     test_samples: int
     params: int | None
     nonzero_params: int | None
@@ -41,6 +43,7 @@ class Metrics:
     threads: int
     latency_runs: int
     parity: list | None = None     # the export-time parity checks recorded in the sidecar (files only)
+    fidelity: dict | None = None   # against the fp32 reference model, measured in this runtime (evaluation.fidelity)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,22 +59,45 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_accuracy(runner, dataset: Dataset, batch_size: int = 256) -> tuple[float, int]:
-    correct = total = 0
+def eval_batches(dataset: Dataset, batch_size: int = 256) -> tuple[list, torch.Tensor]:
+    """Input batches of ``dataset`` (consecutive samples of one shape per batch) and its labels in order."""
+    items = [dataset[i] for i in range(len(dataset))]
+    labels = torch.stack([torch.as_tensor(y, dtype=torch.int64).reshape(()) for _, y in items]) if items else torch.zeros(0)
+    return list(S.batches([x for x, _ in items], batch_size)), labels
+
+
+def run_outputs(runner, batches: list) -> list[tuple]:
     with torch.no_grad():
-        for x, y in DataLoader(dataset, batch_size=batch_size):
-            correct += int((runner.predict(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / max(total, 1), total
+        return [runner.predict_all(b) for b in batches]
 
 
-def describe(artifact: nn.Module | str | os.PathLike, runner, test: Dataset, *, label: str | None = None) -> dict:
-    """Everything but latency: accuracy in the runner's runtime, counts, and on-disk sizes."""
-    accuracy, n = run_accuracy(runner, test)
-    x1 = test[0][0].unsqueeze(0).contiguous()
+def outputs_accuracy(outputs: list[tuple], labels: torch.Tensor) -> float | None:
+    """Top-1 accuracy of the first output, or ``None`` when the samples carry no labels."""
+    if labels.numel() == 0 or bool((labels == NO_LABEL).any()):
+        return None
+    predicted = torch.cat([o[0].argmax(-1).reshape(-1) for o in outputs])
+    return float((predicted == labels).float().mean())
+
+
+def run_accuracy(runner, dataset: Dataset, batch_size: int = 256) -> tuple[float | None, int]:
+    batches, labels = eval_batches(dataset, batch_size)
+    return outputs_accuracy(run_outputs(runner, batches), labels), len(labels)
+
+
+def describe(artifact: nn.Module | str | os.PathLike, runner, test: Dataset, *, label: str | None = None,
+             reference_outputs: list[tuple] | None = None, fidelity_kind: str | None = None, metric=None) -> dict:
+    """Everything but latency: accuracy (with labels) and fidelity to ``reference_outputs`` (the fp32
+    model's, on the same batches) in the runner's runtime, counts, and on-disk sizes."""
+    from deepshrink.evaluation.fidelity import fidelity
+
+    batches, labels = eval_batches(test)
+    outputs = run_outputs(runner, batches)
+    accuracy, n = outputs_accuracy(outputs, labels), len(labels)
+    x1 = S.take(batches[0], 0, 1)
     info: dict = {
         "artifact": label or (str(artifact) if not isinstance(artifact, nn.Module) else type(artifact).__name__),
         "runtime": runner.runtime, "accuracy": accuracy, "test_samples": n,
+        "fidelity": fidelity(reference_outputs, outputs, kind=fidelity_kind, metric=metric) if reference_outputs else None,
         "params": None, "nonzero_params": None, "macs": None, "counts_source": "model",
         "file_bytes": None, "gzip_bytes": None, "threads": runner.threads, "parity": None,
     }
@@ -103,15 +129,23 @@ def evaluate(
     latency_runs: int = 200,
     warmup: int = 20,
     label: str | None = None,
+    reference: nn.Module | str | os.PathLike | None = None,
+    fidelity: str | None = None,
+    metric=None,
 ) -> Metrics:
-    """Accuracy on ``test``, counts, on-disk size and batch-1 latency of ``artifact``.
+    """Accuracy on ``test`` (when it has labels), fidelity to ``reference`` (the original model,
+    when given: ``evaluation.fidelity``, ``fidelity`` overrides the kind, ``metric`` adds a user
+    figure), counts, on-disk size and batch-1 latency of ``artifact``.
 
     ``artifact`` is a module (measured in eager PyTorch) or a ``.pte`` / ``.onnx`` / checkpoint
     file (measured in ExecuTorch, ONNX Runtime, or eager PyTorch after a safe load).
     """
     runner = open_runner(artifact, threads=threads)
-    info = describe(artifact, runner, test, label=label)
-    x1 = test[0][0].unsqueeze(0).contiguous()
+    reference_outputs = None
+    if reference is not None:
+        reference_outputs = run_outputs(open_runner(reference, threads=threads), eval_batches(test)[0])
+    info = describe(artifact, runner, test, label=label, reference_outputs=reference_outputs, fidelity_kind=fidelity, metric=metric)
+    x1 = S.stack([test[0][0]])
     times = measure_latency(runner.predict, x1, runs=latency_runs, warmup=warmup) if latency_runs else []
     return Metrics(
         **info,

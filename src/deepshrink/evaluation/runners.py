@@ -11,10 +11,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepshrink.core import samples as S
 from deepshrink.core.errors import ArtifactError
+from deepshrink.core.outputs import output_tensors
 
 
-class EagerRunner:
+class Runner:
+    """``predict_all(inputs)``: every output tensor of a batch; ``predict``: the first (logits,
+    embeddings). ``inputs`` is a ``core.samples`` batch: a tensor, a tuple or a dict of tensors."""
+
+    runtime = "?"
+
+    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def predict(self, x) -> torch.Tensor:
+        return self.predict_all(x)[0]
+
+
+class EagerRunner(Runner):
     runtime = "pytorch"
 
     def __init__(self, model: nn.Module, threads: int = 1) -> None:
@@ -25,16 +40,16 @@ class EagerRunner:
             pass
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self.model(x)
+            return output_tensors(S.call(self.model, x))
         finally:
             torch.set_num_threads(previous)
 
 
-class PteRunner:
+class PteRunner(Runner):
     runtime = "executorch"
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
@@ -51,12 +66,14 @@ class PteRunner:
         except Exception as err:  # the runtime raises RuntimeError/ValueError for bad programs
             raise ArtifactError(f"{path}: ExecuTorch could not load this program ({err})") from None
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = [self.method.execute([part.contiguous()])[0] for part in x.split(self.max_batch)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
+        n = S.batch_size(x)
+        chunks = [self.method.execute([t.contiguous() for t in S.flatten(S.take(x, start, start + self.max_batch))])
+                  for start in range(0, n, self.max_batch)]
+        return tuple(c[0] if len(chunks) == 1 else torch.cat(c) for c in zip(*chunks))
 
 
-class OnnxRunner:
+class OnnxRunner(Runner):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
@@ -71,11 +88,31 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # ORT raises its own exception types
             raise ArtifactError(f"{path}: ONNX Runtime could not load this model ({err})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = [i.type for i in self.session.get_inputs()]
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.numpy().astype(np.float32, copy=False)})[0]
-        return torch.from_numpy(out)
+    def feeds(self, x) -> dict:
+        """ONNX inputs by name, each in its own dtype (int64 token ids stay int64)."""
+        tensors = S.flatten(x)
+        names = S.names(x) if isinstance(x, dict) else None
+        if names is not None and set(self.input_names) <= set(names):
+            # the exporter drops inputs the graph never reads (an unused mask): feed by name
+            chosen = [tensors[names.index(n)] for n in self.input_names]
+        elif len(tensors) == len(self.input_names):
+            chosen = tensors
+        else:
+            raise ArtifactError(f"{self.path}: the model takes inputs {', '.join(self.input_names)} but "
+                                f"{len(tensors)} tensors were given")
+        out = {}
+        for name, kind, t in zip(self.input_names, self.input_types, chosen):
+            array = t.detach().contiguous().numpy()
+            if kind == "tensor(float)" and array.dtype != np.float32:
+                array = array.astype(np.float32)
+            out[name] = array
+        return out
+
+    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, self.feeds(x)))
 
 
 def open_runner(artifact: nn.Module | str | os.PathLike, *, threads: int = 1):
@@ -104,7 +141,7 @@ def _apply_sparse_decisions(model: nn.Module, path: Path) -> None:
     from deepshrink.formats.sparse_compute import CsrLinear
     from deepshrink.formats.sidecar import read_sidecar
 
-    for decision in (read_sidecar(path) or {}).get("sparse_compute", []):
+    for decision in (read_sidecar(path) or {}).get("sparse_compute") or []:
         if decision["runs_sparse"]:
             parent_name, _, child = decision["layer"].rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

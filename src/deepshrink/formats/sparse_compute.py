@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from deepshrink.core import samples as S
 from deepshrink.core.timing import time_calls
 
 
@@ -80,7 +81,7 @@ def choose_sparse_compute(
         return hook
 
     hooks = [m.register_forward_hook(recorder(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    model(example_input[:1])
+    S.call(model, S.take(example_input, 0, 1))
     for h in hooks:
         h.remove()
     previous = torch.get_num_threads()

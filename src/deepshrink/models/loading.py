@@ -40,25 +40,24 @@ def load(spec: str | os.PathLike, **kwargs: Any) -> nn.Module:
 
 
 def load_user_class(spec: str, **kwargs: Any) -> nn.Module:
+    """``path/to/file.py:NAME``: an ``nn.Module`` class, or a callable returning a module (a loader
+    that reads the user's pretrained weights), called with ``kwargs``. Runs that file's code."""
+    from deepshrink.core.userfile import load_object
+
     file_part, _, class_name = spec.rpartition(":")
     path = Path(file_part)
-    if not path.is_file():
-        raise ModelLoadError(f"model: file {path} does not exist (from {spec!r})")
-    module_name = f"deepshrink_user_{abs(hash(str(path.resolve())))}"
+    factory = load_object(spec, what="model", error=ModelLoadError)
+    if not callable(factory):
+        raise ModelLoadError(f"model: {class_name!r} in {path} is a {type(factory).__name__}, not an nn.Module class "
+                             "or a function returning one")
     try:
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's file may raise anything while importing
-        raise ModelLoadError(f"model: importing {path} failed: {type(err).__name__}: {err}") from None
-    klass = getattr(module, class_name, None)
-    if not (isinstance(klass, type) and issubclass(klass, nn.Module)):
-        raise ModelLoadError(f"model: {path} has no nn.Module subclass named {class_name!r}")
-    try:
-        model = klass(**kwargs)
-    except Exception as err:
+        model = factory(**kwargs)
+    except BaseException as err:  # the user's code may raise anything, even SystemExit
+        if isinstance(err, KeyboardInterrupt):
+            raise
         raise ModelLoadError(f"model: {class_name}(**{kwargs}) failed: {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"model: {class_name}(**{kwargs}) in {path} returned a {type(model).__name__}, not an nn.Module")
     set_arch(model, {"file": str(path.resolve()), "class": class_name, "kwargs": dict(kwargs)})
     return model
 
@@ -69,7 +68,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
     if path.suffix == ".pt2":
         if example_input is None:
             raise ModelLoadError(f"{path}: saving a .pt2 program needs an example input")
-        program = model if isinstance(model, torch.export.ExportedProgram) else torch.export.export(model, (example_input,))
+        if isinstance(model, torch.export.ExportedProgram):
+            program = model
+        else:
+            from deepshrink.core import samples as S
+
+            args, kwargs = S.as_call(example_input, model)
+            program = torch.export.export(model, args, kwargs or None)
         with atomic_path(path) as tmp:
             torch.export.save(program, str(tmp))
         return path

@@ -23,29 +23,36 @@ def max_pair_sum(a_max: int, w_absmax: int) -> int:
 
 
 def pair_sums(a_u8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
-    """``[N, M, ceil(K / 2)]`` int32 pair sums ``a[n, 2i] w[m, 2i] + a[n, 2i+1] w[m, 2i+1]`` of
-    ``a_u8`` ``[N, K]`` (values 0..255) and ``w_s8`` ``[M, K]`` (values -128..127)."""
+    """``[N, ceil(K / 2), M]`` pair sums ``a[n, 2i] w[m, 2i] + a[n, 2i+1] w[m, 2i+1]`` of ``a_u8``
+    ``[N, K]`` (values 0..255) and ``w_s8`` ``[M, K]`` (values -128..127), as float32 (exact: every
+    pair sum is an integer below 2^17)."""
     n, k = a_u8.shape
     if k % 2:
         a_u8 = torch.nn.functional.pad(a_u8, (0, 1))
         w_s8 = torch.nn.functional.pad(w_s8, (0, 1))
-    a = a_u8.to(torch.int32).reshape(n, -1, 2)
-    w = w_s8.to(torch.int32).reshape(w_s8.shape[0], -1, 2)
-    return a[:, None, :, 0] * w[None, :, :, 0] + a[:, None, :, 1] * w[None, :, :, 1]
+    a = a_u8.to(torch.float32).reshape(n, -1, 2).transpose(0, 1)             # [K/2, N, 2]
+    w = w_s8.to(torch.float32).reshape(w_s8.shape[0], -1, 2).permute(1, 2, 0)  # [K/2, 2, M]
+    return torch.bmm(a, w).transpose(0, 1)                                    # [N, K/2, M]
+
+
+def can_saturate(a_max: int, w_absmax: int) -> bool:
+    return max_pair_sum(a_max, w_absmax) > INT16_MAX
 
 
 def u8s8_dot(a_u8: torch.Tensor, w_s8: torch.Tensor, *, saturate_pairs: bool, chunk: int = 256) -> tuple[torch.Tensor, int]:
     """``[N, M]`` int64 dot products ``a_u8 @ w_s8.T`` and how many pair sums went out of int16.
 
     ``saturate_pairs=True`` clamps every pair sum to int16 first, as ``vpmaddubsw`` does; the
-    count is the same either way (it is what a saturating kernel would have clipped).
+    count is the same either way (it is what a saturating kernel would have clipped). When the
+    operands' extremes cannot overflow a pair, the exact product is returned without pairing.
     """
+    if a_u8.numel() == 0 or not can_saturate(int(a_u8.max()), int(w_s8.abs().max())):
+        return a_u8.to(torch.int64) @ w_s8.to(torch.int64).T, 0
     out, clipped = [], 0
     for start in range(0, a_u8.shape[0], chunk):
         pairs = pair_sums(a_u8[start:start + chunk], w_s8)
-        over = (pairs > INT16_MAX) | (pairs < INT16_MIN)
-        clipped += int(over.sum())
+        clipped += int(((pairs > INT16_MAX) | (pairs < INT16_MIN)).sum())
         if saturate_pairs:
             pairs = pairs.clamp(INT16_MIN, INT16_MAX)
-        out.append(pairs.sum(-1, dtype=torch.int64))
-    return torch.cat(out) if out else torch.zeros(0, w_s8.shape[0], dtype=torch.int64), clipped
+        out.append(pairs.sum(1, dtype=torch.float64).round().to(torch.int64))
+    return torch.cat(out), clipped

@@ -74,15 +74,18 @@ def derive_checks(variants: dict[str, dict]) -> dict:
     simulated = find("compressed", "eager")
     for fmt in ("pte", "onnx"):
         runtime = find("compressed", fmt)
-        if simulated and runtime:
+        if simulated and runtime and simulated["accuracy"] is not None and runtime["accuracy"] is not None:
             checks[f"compressed_{fmt}_minus_simulated_accuracy_pt"] = round(100 * (runtime["accuracy"] - simulated["accuracy"]), 3)
+        elif simulated and runtime and simulated.get("fidelity") and runtime.get("fidelity"):
+            name = simulated["fidelity"]["headline"]
+            checks[f"compressed_{fmt}_minus_simulated_{name}"] = round(runtime["fidelity"]["value"] - simulated["fidelity"]["value"], 6)
         fp32, comp = find("fp32", fmt), runtime
         if fp32 and comp and comp["file_bytes"]:
             checks[f"{fmt}_size_ratio_fp32_over_compressed"] = round(fp32["file_bytes"] / comp["file_bytes"], 3)
             if fp32["latency_ms_median"] and comp["latency_ms_median"]:
                 checks[f"{fmt}_speedup_fp32_over_compressed"] = round(fp32["latency_ms_median"] / comp["latency_ms_median"], 3)
     fp32_eager = find("fp32", "eager")
-    if fp32_eager and simulated:
+    if fp32_eager and simulated and fp32_eager["accuracy"] is not None and simulated["accuracy"] is not None:
         checks["simulated_minus_fp32_accuracy_pt"] = round(100 * (simulated["accuracy"] - fp32_eager["accuracy"]), 3)
     return checks
 

@@ -57,6 +57,34 @@ class DataSpec:
     image_size: int = 28
     calib_size: int = 256
     seed: int = 0
+    # your own samples: path/to/file.py:NAME, each a function returning a list of samples (tensors,
+    # tuples or dicts of tensors), or a (samples, labels) pair; with them ``name`` only labels the run
+    calib: str | None = None
+    eval: str | None = None
+    train: str | None = None
+    batch_dim: bool = False      # each sample carries a batch dimension of 1 (a tokenizer's return_tensors="pt")
+    collate: str | None = None   # path/to/file.py:NAME batching a list of (inputs, label) pairs, e.g. with padding
+
+    def __post_init__(self) -> None:
+        from deepshrink.core.userfile import is_spec
+
+        check(self.calib_size >= 1, "calib_size", f"{self.calib_size} must be >= 1")
+        check(self.image_size >= 1, "image_size", f"{self.image_size} must be >= 1")
+        given = [k for k in ("calib", "eval", "train", "collate") if getattr(self, k) is not None]
+        for key in given:
+            check(is_spec(getattr(self, key)), key, f"{getattr(self, key)!r} is not path/to/file.py:NAME")
+        if given:
+            check(self.calib is not None and self.eval is not None, "calib" if self.calib is None else "eval",
+                  "your own data needs both calib: and eval: (path/to/file.py:NAME each)")
+        else:
+            from deepshrink.data.sources import DATASETS
+
+            check(self.name in DATASETS, "name", f"{self.name!r} is not a dataset; choose one of {', '.join(DATASETS)}, "
+                  "or give calib: and eval: as path/to/file.py:NAME functions returning your samples")
+
+    @property
+    def user_samples(self) -> bool:
+        return self.calib is not None
 
 
 @dataclass(frozen=True)
@@ -69,12 +97,17 @@ class ExportStage:
     """Which files to write (default: the target's own format). ``baseline``: also export the
     dense fp32 model for comparison. ``parity``: ``fail`` stops the run when a file's outputs in
     its runtime are beyond tolerance from the module's (``deploy.parity``); ``warn`` keeps the
-    file and the report shows the failure in red."""
+    file and the report shows the failure in red. ``dynamic``: dimensions that vary besides the
+    batch, per input (``forward`` argument name or position) — ``{input_ids: {1: [2, 128]}}``; the
+    files then run every size in range and parity is checked on test samples of several sizes.
+    ``static_batch``: batch fixed to 1, the whole graph one delegate call (the phone's case)."""
 
     formats: tuple[Literal["pte", "onnx", "dsk"], ...] | None = None
     baseline: bool = True
     parity_samples: int = 64
     parity: Literal["fail", "warn"] = "fail"
+    dynamic: dict[str, dict[str, tuple[int, int]]] | None = None
+    static_batch: bool = False
 
     def __post_init__(self) -> None:
         check(self.formats is None or len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx', 'dsk'")
@@ -83,15 +116,19 @@ class ExportStage:
 
 @dataclass(frozen=True)
 class EvaluateStage:
-    """Measure every variant. Latency: batch 1, ``threads`` fixed, runs interleaved across variants."""
+    """Measure every variant. Latency: batch 1, ``threads`` fixed, runs interleaved across variants.
+    Every variant's fidelity to the fp32 model is measured in its runtime; ``fidelity`` overrides
+    the figure chosen by the output kind (``classification`` | ``embedding`` | ``tensor``)."""
 
     threads: int = 1
     latency_runs: int = 200
     warmup: int = 20
+    fidelity: Literal["classification", "embedding", "tensor"] | None = None
 
     def __post_init__(self) -> None:
         check(self.threads >= 1, "threads", f"{self.threads} must be >= 1")
         check(self.latency_runs >= 0, "latency_runs", "must be >= 0")
+        check(self.warmup >= 0, "warmup", f"{self.warmup} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -264,7 +301,41 @@ def parse_recipe(raw: Any) -> Recipe:
         raise ConfigError(f"target: {recipe.target!r} is not allowed; choose one of {', '.join(map(repr, TARGETS))}")
     stages = tuple(parse_stage(item, f"stages[{i}]") for i, item in enumerate(stages_raw))
     _check_order(stages)
+    _check_model(recipe.model)
+    if recipe.data.user_samples:
+        _check_user_data(recipe.data)
     return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed")}, "stages": stages})
+
+
+def _check_model(spec: str) -> None:
+    from deepshrink.core.userfile import is_spec
+    from deepshrink.models.zoo import ZOO
+
+    if spec in ZOO or spec.endswith((".safetensors", ".pt2", ".dsk")):
+        return
+    if is_spec(spec):
+        if not Path(spec.rpartition(":")[0]).is_file():
+            raise ConfigError(f"model: file {spec.rpartition(':')[0]} does not exist (from {spec!r})")
+        return
+    raise ConfigError(f"model: {spec!r} is not a zoo model ({', '.join(ZOO)}), a path/to/file.py:NAME, "
+                      "or a .safetensors/.dsk/.pt2 checkpoint")
+
+
+def _check_user_data(spec: "DataSpec") -> None:
+    """Resolve every ``file.py:NAME`` of the data (importing the user's file, as running would)."""
+    from deepshrink.core.errors import DataError
+    from deepshrink.core.userfile import load_object
+
+    for key in ("calib", "eval", "train", "collate"):
+        value = getattr(spec, key)
+        if value is None:
+            continue
+        try:
+            fn = load_object(value, what=f"data.{key}", error=DataError)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        if not callable(fn):
+            raise ConfigError(f"data.{key}: {value!r} is a {type(fn).__name__}, not a function returning samples")
 
 
 def _check_order(stages: tuple[Stage, ...]) -> None:

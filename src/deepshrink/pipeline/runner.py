@@ -31,8 +31,9 @@ class RunContext:
     progress: bool
     log: Callable[[str], None]
 
-    def example_batch(self, n: int) -> torch.Tensor:
-        return torch.stack([self.data.test[i][0] for i in range(min(n, len(self.data.test)))])
+    def example_batch(self, n: int):
+        """Up to ``n`` real test inputs as one batch (those shaped like the first, when shapes vary)."""
+        return self.data.example_batch(n)
 
 
 @dataclass
@@ -67,8 +68,16 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     spec = recipe.data
-    if data is None:
+    if data is None and spec.user_samples:
+        data = user_data(spec)
+    elif data is None:
         data = load_data(spec.name, data_dir=spec.data_dir, download=spec.download, image_size=spec.image_size, calib_size=spec.calib_size, seed=spec.seed)
+    dynamic = next((s.config.dynamic for s in recipe.stages if s.kind == "export" and s.config.dynamic), None)
+    if dynamic:
+        import dataclasses
+
+        # one description of what varies, read by every capture: quantization and export alike
+        data = dataclasses.replace(data, dynamic={k: {int(d): tuple(r) for d, r in dims.items()} for k, dims in dynamic.items()})
     ctx = RunContext(recipe, data, get_target(recipe.target), out, sys.stderr.isatty() if progress is None else progress, log)
     state_dir = out / "state"
     state = load_state(state_dir, recipe.fingerprint()) if resume else None
@@ -92,6 +101,18 @@ def run_recipe(
     metrics = out / "metrics.json"
     report = out / "report.html"
     return RunResult(out, state, metrics if metrics.is_file() else None, report if report.is_file() else None)
+
+
+def user_data(spec) -> DataSplits:
+    """The recipe's ``data: {calib: file.py:NAME, eval: file.py:NAME, ...}`` (runs those files' code)."""
+    from deepshrink.core.errors import DataError
+    from deepshrink.core.userfile import load_object
+    from deepshrink.data.splits import from_spec_functions
+
+    fns = {k: load_object(getattr(spec, k), what=f"data.{k}", error=DataError)
+           for k in ("calib", "eval", "train", "collate") if getattr(spec, k) is not None}
+    return from_spec_functions(calib=fns["calib"], eval=fns["eval"], train=fns.get("train"), batch_dim=spec.batch_dim,
+                               collate=fns.get("collate"), name=spec.name, seed=spec.seed)
 
 
 def refresh_stage_log(metrics_path: Path, log: list[dict]) -> None:

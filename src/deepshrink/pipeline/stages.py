@@ -27,8 +27,10 @@ def initial_model(recipe: Recipe):
     return load_model(recipe.model, **recipe.model_args)
 
 
-def _test_accuracy(model, ctx) -> float:
-    return accuracy(model, ctx.data.loader("test", batch_size=512))
+def _test_accuracy(model, ctx, state: RunState | None = None) -> float:
+    """Test accuracy with labels; without, top-1 agreement with the fp32 baseline (fidelity)."""
+    reference = state.baseline if state is not None and state.baseline is not None else model
+    return accuracy(model, ctx.data.loader("test", batch_size=512), reference=reference)
 
 
 def _baseline(state: RunState, ctx) -> None:
@@ -46,6 +48,8 @@ def _teacher(state: RunState, config: TrainConfig | None):
 def _fit_resumable(state: RunState, config: TrainConfig, ctx, name: str, teacher=None):
     """``fit`` with per-epoch state in ``<out>/state/<name>-epoch.pt``, removed once the training ends."""
     epoch_file = ctx.out_dir / "state" / f"{name}-epoch.pt"
+    if teacher is None and not ctx.data.labelled:
+        teacher = state.baseline   # raw inputs only: distil from the original model
     history = fit(state.model, ctx.data, config, teacher=teacher, progress=ctx.progress, resume_path=epoch_file)
     epoch_file.unlink(missing_ok=True)
     return history
@@ -55,7 +59,7 @@ def _train(state: RunState, config: TrainConfig, ctx) -> dict:
     history = _fit_resumable(state, config, ctx, "train")
     state.baseline = None
     _baseline(state, ctx)
-    acc = _test_accuracy(state.model, ctx)
+    acc = _test_accuracy(state.model, ctx, state)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
             "line": f"test accuracy {acc:.2%} (eager fp32)"}
 
@@ -64,7 +68,7 @@ def _load(state: RunState, config: LoadStage, ctx) -> dict:
     state.model = load_checkpoint(config.checkpoint)
     state.baseline = None
     _baseline(state, ctx)
-    acc = _test_accuracy(state.model, ctx)
+    acc = _test_accuracy(state.model, ctx, state)
     return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"test accuracy {acc:.2%}"}
 
 
@@ -85,7 +89,7 @@ def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict
 def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
     report = prune_channels(state.model, stage.pruning, example_input=ctx.example_batch(8), data=ctx.data,
                             target=ctx.target.name, train_config=stage.retrain, teacher=_teacher(state, stage.retrain))
-    acc = _test_accuracy(state.model, ctx)
+    acc = _test_accuracy(state.model, ctx, state)
     layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
     return {"structured": report.as_dict(), "layers": layers, "test_accuracy": acc,
             "line": f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_reduction:.2f}x fewer), "
@@ -113,20 +117,20 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     teacher = _teacher(state, stage.retrain)
     if stage.schedule is None:
         report = prune(state.model, config, data=ctx.data)
-        acc = _test_accuracy(state.model, ctx)
+        acc = _test_accuracy(state.model, ctx, state)
         line = f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%}"
         if stage.retrain is None:
             return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
         # one-shot prune, then the stage's own retraining with the masks held
         history = _fit_resumable(state, stage.retrain, ctx, "retrain", teacher)
-        after = _test_accuracy(state.model, ctx)
+        after = _test_accuracy(state.model, ctx, state)
         return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "test_accuracy": after,
                 "retrain": {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch},
                 "line": f"{line} after pruning, {after:.2%} after {len(history.val_accuracy)} retrain epochs"}
     steps = prune_with_schedule(state.model, config, stage.schedule, data=ctx.data, train_config=stage.retrain,
                                 teacher=teacher, progress=ctx.progress)
     report = next(s.report for s in reversed(steps) if s.report is not None)
-    acc = _test_accuracy(state.model, ctx)
+    acc = _test_accuracy(state.model, ctx, state)
     rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": s.history.val_accuracy} for s in steps]
     return {**report.as_dict(), **extra, "rounds": rounds, "test_accuracy": acc,
             "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, test accuracy {acc:.2%}"}
@@ -135,7 +139,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
 def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
     _baseline(state, ctx)
     history = _fit_resumable(state, config, ctx, "finetune", _teacher(state, config))
-    acc = _test_accuracy(state.model, ctx)
+    acc = _test_accuracy(state.model, ctx, state)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
             "masks_kept": bool(get_masks(state.model)), "line": f"test accuracy {acc:.2%}"}
 
@@ -181,7 +185,7 @@ def _quantize(state: RunState, config, ctx) -> dict:
     state.quantization = {**state.model._deepshrink_quant, "macs": float_macs}
     for line in state.quantization.get("budget_steps", []):
         ctx.log(f"      budget: {line}")
-    acc = _test_accuracy(state.model, ctx)
+    acc = _test_accuracy(state.model, ctx, state)
     lowbit = quantized_weights(state.model)
     if lowbit:
         state.quantization["weights"] = {name: f"{type(qw).__name__} {qw.bits}-bit" for name, qw in lowbit.items()}
@@ -192,6 +196,9 @@ def _quantize(state: RunState, config, ctx) -> dict:
 def _export(state: RunState, config: ExportStage, ctx) -> dict:
     finalize(state.model)
     example = ctx.example_batch(config.parity_samples)
+    # real test samples, of every shape among the first ones when shapes vary
+    parity_samples = ctx.data.inputs("test", config.parity_samples)
+    dynamic = ctx.data.dynamic
     jobs = [(COMPRESSED, state.model, (state.quantization or {}).get("macs"))]
     if config.baseline and state.baseline is not None:
         jobs.insert(0, (FP32, state.baseline, None))
@@ -199,7 +206,8 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
     for role, module, macs in jobs:
         for fmt in config.formats or (ctx.target.export_format,):
             path = ctx.out_dir / f"{role}.{fmt}"
-            result = export(module, path, example_input=example, target=ctx.target, macs=macs, parity=config.parity)
+            result = export(module, path, example_input=example, target=ctx.target, macs=macs, parity=config.parity,
+                            parity_samples=parity_samples, dynamic=dynamic, static_batch=config.static_batch)
             state.exports[f"{role} .{fmt}"] = {
                 "path": str(path), "role": role, "format": fmt, "file_bytes": result.file_bytes,
                 "parity_max_abs_diff": result.parity_max_abs_diff, "parity_argmax_agreement": result.parity_argmax_agreement,
@@ -221,12 +229,22 @@ def _evaluate(state: RunState, config: EvaluateStage, ctx) -> dict:
     if state.baseline is None or state.model is not state.baseline:
         artifacts[f"{COMPRESSED} eager" + (" (simulated quantized)" if state.quantization else "")] = state.model
     artifacts.update({label: info["path"] for label, info in state.exports.items()})
-    measured = evaluate_many(artifacts, ctx.data.test, threads=config.threads, latency_runs=config.latency_runs, warmup=config.warmup)
+    measured = evaluate_many(artifacts, ctx.data.test, threads=config.threads, latency_runs=config.latency_runs,
+                             reference=state.baseline, fidelity=config.fidelity, warmup=config.warmup)
     state.variants = {label: {**m.as_dict(), **_role(label, state)} for label, m in measured.items()}
     document = build_metrics(state, ctx, config)
     write_metrics(ctx.out_dir / "metrics.json", document)
-    lines = [f"{label}: {m.accuracy:.2%}" for label, m in measured.items()]
+    lines = [f"{label}: {_headline(m)}" for label, m in measured.items()]
     return {"variants": list(state.variants), "checks": document["checks"], "line": "; ".join(lines)}
+
+
+def _headline(m) -> str:
+    """Accuracy with labels, else the variant's fidelity figure."""
+    if m.accuracy is not None:
+        return f"{m.accuracy:.2%}"
+    if m.fidelity:
+        return f"{m.fidelity['headline']} {m.fidelity['value']:.4g}"
+    return "—"
 
 
 def _role(label: str, state: RunState) -> dict:

@@ -19,13 +19,24 @@ from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static, In
 _HANDLERS: Registry = Registry("quantize")
 
 
-def quantize(model: nn.Module, config: object, *, data: DataSplits, target: TargetProfile | str = "xnnpack") -> nn.Module:
+def quantize(model: nn.Module, config: object, *, data: DataSplits, target: TargetProfile | str = "xnnpack",
+             dynamic: dict | None = None) -> nn.Module:
+    """A quantized copy of ``model`` (the argument is not modified). ``dynamic``: the dimensions
+    that vary besides the batch (``core.graph``); default ``data.dynamic``, inferred from samples
+    of varying shapes. The graph is captured with them, so its exports take every size in range."""
+    import dataclasses
+
     profile = get_target(target) if isinstance(target, str) else target
+    if dynamic is not None:
+        data = dataclasses.replace(data, dynamic=dynamic)
     if getattr(model, "_deepshrink_masks", None):
         raise ConfigError("quantize: the model still carries pruning masks; call deepshrink.pruning.finalize(model) first")
     quantized = _HANDLERS.handler_for(config)(model, config, data, profile)
     details = dict(getattr(quantized, "_deepshrink_quant", None) or {})
-    object.__setattr__(quantized, "_deepshrink_quant", {"scheme": type(config).__name__, "config": to_dict(config), **details})
+    record = {"scheme": type(config).__name__, "config": to_dict(config), **details}
+    if data is not None and data.dynamic:
+        record["dynamic"] = {str(k): {str(d): list(r) for d, r in dims.items()} for k, dims in data.dynamic.items()}
+    object.__setattr__(quantized, "_deepshrink_quant", record)
     return quantized
 
 

@@ -29,14 +29,7 @@ def channel_means(gm: GraphModule, batches: list[torch.Tensor], names: list[str]
 
 
 def calibration_batches(data: DataSplits, samples: int, batch_size: int = 128) -> list[torch.Tensor]:
-    batches, seen = [], 0
-    for x, _ in data.loader("calib", batch_size=batch_size):
-        take = min(len(x), samples - seen)
-        batches.append(x[:take])
-        seen += take
-        if seen >= samples:
-            break
-    return batches
+    return data.batches("calib", samples=samples, batch_size=batch_size)
 
 
 def correct_bias(quantized: GraphModule, reference: GraphModule, batches: list[torch.Tensor]) -> list[dict]:

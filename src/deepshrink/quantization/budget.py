@@ -1,7 +1,9 @@
 """Quantize within an accuracy budget: PTQ, then per-layer fp32 fallback, then QAT.
 
 Accuracy is top-1 on ``data.val`` of the simulated (PyTorch) quantized graph, against the
-float model on the same split; the drop is in percentage points. The fallback leaves, one at
+float model on the same split; the drop is in percentage points. Without labels the figure is
+fidelity: top-1 agreement with the float model (which agrees with itself 100 %), so the budget
+bounds the share of answers that change. The fallback leaves, one at
 a time, the layer with the lowest SQNR on its own (``layer_sqnr_report``) in fp32, re-running
 PTQ each time; QAT (with the fallback layers found so far kept in float) is the last resort.
 """
@@ -77,13 +79,13 @@ def quantize_within_budget(
     ptq = ptq or Int8Static()
     qat = qat or Int8QAT()
     val = data.loader("val", batch_size=512)
-    float_acc = accuracy(model, val)
+    float_acc = accuracy(model, val, reference=model)
     steps: list[BudgetStep] = []
     tried: list[tuple[float, nn.Module]] = []
 
     def attempt(action: str, config) -> bool:
         quantized = quantize(model, config, data=data, target=target)
-        acc = accuracy(quantized, val)
+        acc = accuracy(quantized, val, reference=model)
         steps.append(BudgetStep(action, acc, 100.0 * (float_acc - acc), tuple(config.fp32_layers)))
         tried.append((acc, quantized))
         return steps[-1].drop_pt <= max_drop_pt

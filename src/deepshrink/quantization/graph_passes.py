@@ -8,17 +8,19 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from deepshrink.core import samples as S
 from deepshrink.core.graph import capture
 from deepshrink.quantization.quantizer import CONV_TARGETS, LINEAR_TARGETS, PAD_TARGETS, is_zero_pad
 
 
-def float_graph(model: torch.nn.Module, example: torch.Tensor, *, max_batch: int, equalization: str = "none") -> tuple[GraphModule, list[dict]]:
+def float_graph(model: torch.nn.Module, example, *, max_batch: int, equalization: str = "none",
+                dynamic=None) -> tuple[GraphModule, list[dict]]:
     """``torch.export`` graph with batch norm folded into convs, symmetric zero padding folded
     into the next conv, and (optionally) cross-layer equalization. Returns the graph and the
     equalization report (empty without equalization)."""
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-    gm = capture(model, example, max_batch=max_batch).module()
+    gm = capture(model, example, max_batch=max_batch, dynamic=dynamic).module()
     _fuse_conv_bn_(gm)   # the same fold prepare_pt2e does; doing it first lets CLE see folded weights
     fold_padding_into_conv(gm)
     report: list[dict] = []
@@ -146,7 +148,7 @@ def record_nodes(gm: GraphModule, x: torch.Tensor, names: set[str]) -> dict[str,
             return value
 
     try:
-        Recorder(gm).run(x)
+        Recorder(gm).run(*S.flatten(x))
     except _Stop:
         pass
     return recorded

@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.selection import select
 from deepshrink.core.targets import TargetProfile
@@ -23,12 +24,9 @@ from deepshrink.quantization.quantizer import build_quantizer, layer_name, quant
 def calibrate(prepared: nn.Module, data: DataSplits, samples: int, batch_size: int = 64) -> int:
     """Run up to ``samples`` samples of ``data.calib`` through ``prepared``; returns how many ran."""
     seen = 0
-    for x, _ in data.loader("calib", batch_size=batch_size):
-        take = min(len(x), samples - seen)
-        prepared(x[:take])
-        seen += take
-        if seen >= samples:
-            break
+    for x in data.batches("calib", samples=samples, batch_size=batch_size):
+        S.call(prepared, x)
+        seen += S.batch_size(x)
     return seen
 
 
@@ -47,7 +45,8 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
 
     fp32 = check_fp32_layers(model, config.fp32_layers)
     per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
-    graph, equalization = float_graph(model, data.example_input(), max_batch=target.max_batch, equalization=config.equalization)
+    graph, equalization = float_graph(model, data.example_input(), max_batch=target.max_batch, equalization=config.equalization,
+                                      dynamic=data.dynamic)
     reference = copy.deepcopy(graph) if config.bias_correction else None
     layout = config.int8_layout or target.quantizer.int8_layout
     quantizer = build_quantizer(
@@ -83,7 +82,7 @@ def quantize_dynamic(model: nn.Module, config: Int8Dynamic, data: DataSplits, ta
             "need one weight scale per output channel); use per_channel=True, or Int8Static for per-tensor weights"
         )
     fp32 = check_fp32_layers(model, config.fp32_layers)
-    graph = capture(model, data.example_input(), max_batch=target.max_batch).module()
+    graph = capture(model, data.example_input(), max_batch=target.max_batch, dynamic=data.dynamic).module()
     layout = config.int8_layout or target.quantizer.int8_layout
     prepared = prepare_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, dynamic=True, int8_layout=layout),
                                                    fp32_layers=fp32))

@@ -8,12 +8,13 @@ validation inside ``fit`` does not move the ranges.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 
 import torch
 from torch import nn
 
-from deepshrink.core.errors import ExportError
+from deepshrink.core.graph import capture
 from deepshrink.core.targets import TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8QAT
@@ -33,7 +34,8 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
 
     fp32 = check_fp32_layers(model, config.fp32_layers)
     per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
-    graph = capture_for_training(copy.deepcopy(model), data.example_input(), max_batch=target.max_batch)
+    graph = capture(copy.deepcopy(model), data.example_input(), max_batch=target.max_batch, dynamic=data.dynamic,
+                    training=True).module()
     fold_padding_into_conv(graph)
     layout = config.int8_layout or target.quantizer.int8_layout
     prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True, int8_layout=layout),
@@ -43,7 +45,14 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
         epochs=config.epochs, lr=config.lr, optimizer=config.optimizer, batch_size=config.batch_size,
         lr_schedule=config.lr_schedule, seed=config.seed,
     )
-    history = fit(prepared, data, train, progress=progress)
+    teacher = None
+    if not data.labelled:
+        # raw inputs only: distil from the float model (its outputs are the targets)
+        from deepshrink.training import Distillation
+
+        teacher = model
+        train = dataclasses.replace(train, distill=Distillation(temperature=1.0, alpha=1.0))
+    history = fit(prepared, data, train, teacher=teacher, progress=progress)
     prepared.eval()
     object.__setattr__(prepared, "_deepshrink_quant", {
         "per_channel": per_channel, "fp32_layers": list(fp32), "qat_val_accuracy": history.val_accuracy, "int8_layout": layout,
@@ -61,18 +70,6 @@ def finalize_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     converted = convert_pt2e(copy.deepcopy(prepared))
     object.__setattr__(converted, "_deepshrink_quant", details)
     return converted
-
-
-def capture_for_training(model: nn.Module, example: torch.Tensor, *, max_batch: int) -> torch.fx.GraphModule:
-    """``torch.export`` in training mode with a free batch dimension (cf. ``core.graph.capture``)."""
-    example = example[:1].expand(2, *example.shape[1:]).contiguous()
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    model.train()
-    try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False).module()
-    except Exception as err:  # torch.export raises many types; name the cause in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"torch.export could not capture {type(model).__name__} for QAT: {first}") from err
 
 
 def allow_train_eval(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -49,7 +49,7 @@ def layer_sqnr_report(float_model: nn.Module, quantized_model: nn.Module, data: 
     if not info or not isinstance(quantized_model, torch.fx.GraphModule):
         raise ConfigError("layer_sqnr_report: quantized_model must be the graph returned by deepshrink.quantize")
     config = info.get("config", {})
-    reference, _ = float_graph(float_model, data.example_input(), max_batch=get_target("xnnpack").max_batch,
+    reference, _ = float_graph(float_model, data.example_input(), max_batch=get_target("xnnpack").max_batch, dynamic=data.dynamic,
                                equalization=config.get("equalization", "none"))
     float_layers = {n.name: n for n in weighted_nodes(reference)}
     layers = [n for n in weighted_nodes(quantized_model) if n.name in float_layers and _dequantized_weight(n) is not None]
@@ -128,13 +128,7 @@ def _value(gm, arg):
 
 
 def _batches(data: DataSplits, split: str, samples: int) -> list[torch.Tensor]:
-    out, seen = [], 0
-    for x, _ in data.loader(split, batch_size=128):
-        out.append(x[: samples - seen])
-        seen += len(out[-1])
-        if seen >= samples:
-            break
-    return out
+    return data.batches(split, samples=samples, batch_size=128)
 
 
 def _concat(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

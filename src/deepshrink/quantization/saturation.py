@@ -151,16 +151,18 @@ class _Emulator(Interpreter):
         return correction.squeeze(2) if one_d else correction
 
 
-def emulate_x86_without_vnni(gm: GraphModule, inputs: torch.Tensor, *, saturate: bool = True) -> tuple[torch.Tensor, SaturationReport]:
-    """The graph's output as ONNX Runtime's AVX2 u8 x s8 kernels would compute it, and the count
-    of saturated pair sums per layer. ``saturate=False`` gives the exact (VNNI) arithmetic with
-    the same counts."""
+def emulate_x86_without_vnni(gm: GraphModule, inputs, *, saturate: bool = True):
+    """The graph's output (a tensor, or a tuple for several) as ONNX Runtime's AVX2 u8 x s8
+    kernels would compute it, and the count of saturated pair sums per layer. ``inputs`` is a
+    ``core.samples`` batch. ``saturate=False`` gives the exact (VNNI) arithmetic with the same counts."""
+    from deepshrink.core import samples as S
+    from deepshrink.core.outputs import output_tensors
+
     report = SaturationReport()
     emulator = _Emulator(gm, report, saturate)
     with torch.no_grad():
-        flat = emulator.run(inputs)
-    out = flat[0] if isinstance(flat, (tuple, list)) else flat
-    return out, report
+        flat = output_tensors(emulator.run(*S.flatten(inputs)))
+    return (flat[0] if len(flat) == 1 else flat), report
 
 
 def count_saturations(gm: GraphModule, inputs: torch.Tensor) -> SaturationReport:

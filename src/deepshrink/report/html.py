@@ -46,13 +46,22 @@ def _variants_table(variants: dict[str, dict]) -> str:
         if v.get("params") and v.get("nonzero_params") is not None:
             sparsity = 1 - v["nonzero_params"] / v["params"]
         rows.append([
-            html.escape(label), html.escape(v["runtime"]), _fmt(v["accuracy"], "pct"), _fmt(v.get("file_bytes"), "kib"),
+            html.escape(label), html.escape(v["runtime"]), _fmt(v["accuracy"], "pct"), _fidelity_cell(v.get("fidelity")),
+            _fmt(v.get("file_bytes"), "kib"),
             _fmt(v.get("gzip_bytes"), "kib"), _fmt(v.get("params")), _fmt(v.get("nonzero_params")), _fmt(sparsity, "pct"),
             _fmt(v.get("macs")), _fmt(v.get("latency_ms_median"), "ms"), _fmt(v.get("latency_ms_p90"), "ms"),
             _parity_cell(v),
         ])
-    return _table(["variant", "runtime", "test accuracy", "file KiB", "gzip KiB", "params", "non-zero", "zeros",
+    return _table(["variant", "runtime", "test accuracy", "fidelity to fp32 (in this runtime)", "file KiB", "gzip KiB", "params", "non-zero", "zeros",
                    "MACs", "latency median ms", "p90 ms", "export parity (file vs module)"], rows)
+
+
+def _fidelity_cell(f: dict | None) -> str:
+    if not f:
+        return "—"
+    keys = [k for k in f if k not in ("kind", "samples", "headline", "value", "outputs", "user")]
+    text = ", ".join(f"{k} {f[k]:.4g}" for k in keys)
+    return html.escape(f"{f['kind']}: {text}" + (f"; user: {f['user']}" if f.get("user") else ""))
 
 
 def _parity_cell(v: dict) -> str:

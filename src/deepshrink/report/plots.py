@@ -23,7 +23,13 @@ def png_data_uri(fig) -> str:
 
 def accuracy_vs_size(variants: dict[str, dict]) -> str | None:
     """Accuracy (in its runtime) against file size for every variant that is a file."""
-    points = [(label, v["file_bytes"] / 1024, 100 * v["accuracy"]) for label, v in variants.items() if v.get("file_bytes")]
+    def score(v: dict):
+        if v.get("accuracy") is not None:
+            return 100 * v["accuracy"]
+        return 100 * v["fidelity"]["value"] if v.get("fidelity") and v["fidelity"]["kind"] != "tensor" else None
+
+    points = [(label, v["file_bytes"] / 1024, score(v)) for label, v in variants.items()
+              if v.get("file_bytes") and score(v) is not None]
     if not points:
         return None
     plt = _figure()
@@ -36,7 +42,8 @@ def accuracy_vs_size(variants: dict[str, dict]) -> str | None:
     ax.legend(fontsize=8, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("file size (KiB, log scale)")
-    ax.set_ylabel("test accuracy in runtime (%)")
+    labelled = any(v.get("accuracy") is not None for v in variants.values())
+    ax.set_ylabel("test accuracy in runtime (%)" if labelled else "fidelity to fp32 in runtime (%)")
     ax.grid(True, alpha=0.3)
     ax.set_title("Accuracy against size")
     return png_data_uri(fig)

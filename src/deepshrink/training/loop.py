@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deepshrink.core import samples as S
+from deepshrink.core.errors import ConfigError
 from deepshrink.core.io import atomic_path
 from deepshrink.core.masks import apply_masks, get_masks
-from deepshrink.data.splits import DataSplits
+from deepshrink.core.outputs import primary
+from deepshrink.data.splits import NO_LABEL, DataSplits
 from deepshrink.training.config import TrainConfig
 
 
@@ -33,14 +36,21 @@ class History:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` over ``loader``."""
+def accuracy(model: nn.Module, loader: DataLoader, *, reference: nn.Module | None = None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` over ``loader``; without labels, top-1 agreement with
+    ``reference`` (the original model) — the fidelity every unlabelled figure is."""
     was_training = getattr(model, "training", False)
     _set_eval(model)
     correct = total = 0
     for x, y in loader:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
+        predicted = primary(S.call(model, x)).argmax(-1)
+        if bool((y == NO_LABEL).any()):
+            if reference is None:
+                raise ConfigError("accuracy: the data has no labels; pass reference= (the original model) to measure "
+                                  "top-1 agreement with it instead")
+            y = primary(S.call(reference, x)).argmax(-1)
+        correct += int((predicted == y).sum())
+        total += y.numel()
     if was_training:
         _set_mode(model, train=True)
     return correct / max(total, 1)
@@ -59,12 +69,21 @@ def _set_eval(model: nn.Module) -> None:
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None, config: TrainConfig) -> torch.Tensor:
-    hard = F.cross_entropy(logits, y)
-    if teacher_logits is None or config.distill is None:
-        return hard
-    t, alpha = config.distill.temperature, config.distill.alpha
-    soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True, reduction="batchmean") * t * t
-    return alpha * soft + (1 - alpha) * hard
+    """Cross-entropy on labels, mixed with distillation from the teacher; without labels,
+    distillation alone (the user's raw inputs are enough to win fidelity back)."""
+    unlabelled = bool((y == NO_LABEL).any())
+    if unlabelled and teacher_logits is None:
+        raise ConfigError("fit: the data has no labels; fine-tune by distillation from the original model "
+                          "(a teacher, e.g. finetune: {distill: {}} in a recipe)")
+    if teacher_logits is None or config.distill is None and not unlabelled:
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    t = config.distill.temperature if config.distill is not None else 1.0
+    soft = F.kl_div(F.log_softmax(logits / t, -1).flatten(0, -2), F.log_softmax(teacher_logits / t, -1).flatten(0, -2),
+                    log_target=True, reduction="batchmean") * t * t
+    if unlabelled:
+        return soft
+    alpha = config.distill.alpha
+    return alpha * soft + (1 - alpha) * F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
 def fit(
@@ -114,9 +133,9 @@ def fit(
         bar = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", show)
         for i, (x, y) in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
+            logits = primary(S.call(model, x))
             with torch.no_grad():
-                teacher_logits = teacher(x) if teacher is not None else None
+                teacher_logits = primary(S.call(teacher, x)) if teacher is not None else None
             loss = _loss(logits, y, teacher_logits, config)
             if penalty is not None:
                 loss = loss + penalty((epoch + i / len(loader)) / config.epochs)
@@ -130,7 +149,7 @@ def fit(
             if show:
                 bar.set_postfix(loss=f"{running / seen:.4f}")
         history.train_loss.append(running / max(seen, 1))
-        acc = accuracy(model, val_loader)
+        acc = accuracy(model, val_loader, reference=teacher)
         history.val_accuracy.append(acc)
         if acc > best_acc:
             best_acc, history.best_epoch = acc, epoch

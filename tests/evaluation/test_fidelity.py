@@ -1,0 +1,38 @@
+"""Fidelity figures, checked on constructed outputs whose answers are known."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepshrink.evaluation.fidelity import fidelity, output_kind
+
+
+def test_classification_agreement_overlap_and_kl():
+    ref = torch.eye(10)[:8] * 5                         # 8 rows, class i wins row i
+    out = ref.clone()
+    out[0] = torch.eye(10)[9] * 5                       # one answer changed
+    f = fidelity([(ref,)], [(out,)])
+    assert f["kind"] == "classification" and f["top1_agreement"] == pytest.approx(7 / 8)
+    assert fidelity([(ref,)], [(ref,)])["mean_kl"] == pytest.approx(0.0, abs=1e-7)
+    assert f["mean_kl"] > 0 and f["headline"] == "top1_agreement" and f["value"] == f["top1_agreement"]
+
+
+def test_embeddings_cosine_and_neighbour_overlap():
+    g = torch.Generator().manual_seed(0)
+    ref = F.normalize(torch.randn(20, 16, generator=g), dim=-1)
+    assert output_kind(ref) == "embedding"
+    same = fidelity([(ref[:10],), (ref[10:],)], [(ref[:10],), (ref[10:],)])     # two batches pool
+    assert same["cosine_min"] == pytest.approx(1.0) and same["neighbour_overlap_at_5"] == 1.0 and same["samples"] == 20
+    shuffled = fidelity([(ref,)], [(ref[torch.randperm(20, generator=g)],)])
+    assert shuffled["cosine_mean"] < 0.5 and shuffled["neighbour_overlap_at_5"] < 0.6
+
+
+def test_tensor_outputs_sqnr_per_output():
+    ref = torch.ones(4, 3, 5)
+    noisy = ref + 0.1                                   # error power 1 % of signal: 20 dB
+    f = fidelity([(ref, ref)], [(noisy, ref)])
+    assert f["kind"] == "tensor" and f["sqnr_db"] == pytest.approx(20.0, abs=1e-4)
+    assert f["outputs"][1]["sqnr_db"] == math.inf and f["outputs"][0]["max_abs_diff"] == pytest.approx(0.1, abs=1e-6)
+    user = fidelity([(ref,)], [(noisy,)], metric=lambda r, p: {"mean_diff": float((p[0][0] - r[0][0]).mean())})
+    assert user["user"]["mean_diff"] == pytest.approx(0.1, abs=1e-6)

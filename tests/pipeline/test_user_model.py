@@ -1,0 +1,69 @@
+"""A user's own model and raw inputs in a recipe: token ids of varying length, a dict output, no labels."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepshrink.core.errors import ConfigError
+from deepshrink.evaluation.runners import open_runner
+from deepshrink.pipeline import parse_recipe, run_recipe
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "token_model.py"
+DYNAMIC = {"input_ids": {1: [2, 32]}, "attention_mask": {1: [2, 32]}}
+
+
+def recipe(**overrides):
+    raw = {
+        "name": "tokens", "model": f"{FIXTURE}:pretrained",
+        "data": {"name": "my-sentences", "calib": f"{FIXTURE}:calib", "eval": f"{FIXTURE}:evaluation"},
+        "stages": [{"quantize": {"scheme": "int8-static", "calibration_samples": 48}},
+                   {"export": {"formats": ["pte", "onnx"], "dynamic": DYNAMIC, "parity_samples": 40}},
+                   {"evaluate": {"latency_runs": 3, "warmup": 1}}, {"report": {}}],
+    }
+    raw.update(overrides)
+    return parse_recipe(raw)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return run_recipe(recipe(), tmp_path_factory.mktemp("tokens"), progress=False, log=lambda m: None)
+
+
+def test_every_variant_is_scored_by_fidelity_in_its_runtime(run):
+    v = run.state.variants
+    assert set(v) == {"fp32 eager", "compressed eager (simulated quantized)", "fp32 .pte", "fp32 .onnx",
+                      "compressed .pte", "compressed .onnx"}
+    for label, variant in v.items():
+        assert variant["accuracy"] is None and variant["fidelity"]["kind"] == "classification", label
+        assert variant["fidelity"]["samples"] == 40
+    assert v["fp32 .pte"]["fidelity"]["top1_agreement"] == 1.0 and v["fp32 .onnx"]["fidelity"]["mean_kl"] < 1e-6
+    for fmt in ("pte", "onnx"):
+        assert v[f"compressed .{fmt}"]["fidelity"]["top1_agreement"] >= 0.9
+        assert v[f"compressed .{fmt}"]["parity_passed"]
+    doc = json.loads(run.metrics_path.read_text())
+    assert "compressed_pte_minus_simulated_top1_agreement" in doc["checks"]
+    assert "fidelity to fp32" in run.report_path.read_text()
+
+
+def test_the_files_run_every_length_in_range_with_int64_inputs(run):
+    for name in ("compressed.pte", "compressed.onnx", "fp32.pte"):
+        runner = open_runner(run.out_dir / name)
+        for length in (2, 17, 32):
+            x = {"input_ids": torch.randint(0, 50, (1, length)), "attention_mask": torch.ones(1, length, dtype=torch.int64)}
+            logits, hidden = runner.predict_all(x)
+            assert logits.shape == (1, 6) and hidden.shape == (1, length, 32), name
+
+
+def test_bad_user_data_is_one_line_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="data.eval: .*defines no 'missing'"):
+        recipe(data={"calib": f"{FIXTURE}:calib", "eval": f"{FIXTURE}:missing"})
+    with pytest.raises(ConfigError, match="data.name: 'my-data' is not a dataset; choose one of digits"):
+        recipe(data={"name": "my-data"})
+    with pytest.raises(ConfigError, match="model: 'resnet-9000' is not a zoo model"):
+        recipe(model="resnet-9000")
+    from deepshrink.core.errors import DataError
+
+    with pytest.raises(DataError, match="data.eval: 'not_a_list' returned a str; return a list of samples"):
+        run_recipe(recipe(data={"calib": f"{FIXTURE}:calib", "eval": f"{FIXTURE}:not_a_list"}), tmp_path,
+                   progress=False, log=lambda m: None)
