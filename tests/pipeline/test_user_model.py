@@ -67,3 +67,42 @@ def test_bad_user_data_is_one_line_before_anything_runs(tmp_path):
     with pytest.raises(DataError, match="data.eval: 'not_a_list' returned a str; return a list of samples"):
         run_recipe(recipe(data={"calib": f"{FIXTURE}:calib", "eval": f"{FIXTURE}:not_a_list"}), tmp_path,
                    progress=False, log=lambda m: None)
+
+
+def test_a_fidelity_budget_without_labels_and_a_user_metric(tmp_path):
+    stages = [{"quantize": {"scheme": "int8-budget", "max_drop_pt": 0.0, "max_fp32_layers": 1,
+                            "ptq": {"calibration_samples": 48}, "qat": {"epochs": 1, "batch_size": 8}}},
+              {"export": {"formats": ["onnx"], "baseline": False}},
+              {"evaluate": {"latency_runs": 2, "warmup": 1, "metric": f"{FIXTURE}:mean_logit_shift"}}]
+    logs = []
+    run = run_recipe(recipe(stages=stages, outputs=["logits"]), tmp_path, progress=False, log=logs.append)
+    budget = run.state.quantization["budget"]
+    # the float model agrees with itself: the budget is the share of answers allowed to change
+    assert budget["float_accuracy"] == 1.0 and [s["action"] for s in budget["steps"]][0] == "ptq"
+    assert any("budget:" in line for line in logs)
+    v = run.state.variants["compressed .onnx"]
+    assert v["fidelity"]["user"]["mean_abs_logit_shift"] >= 0 and v["accuracy"] is None
+    # outputs: [logits] — every file returns the logits alone
+    assert len(open_runner(run.out_dir / "compressed.onnx").predict_all(
+        {"input_ids": torch.randint(0, 50, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.int64)})) == 1
+
+
+def test_labels_from_the_users_function_give_accuracy_beside_fidelity(tmp_path):
+    stages = [{"export": {"formats": ["onnx"], "baseline": False, "dynamic": DYNAMIC}}, {"evaluate": {"latency_runs": 2}}]
+    data = {"calib": f"{FIXTURE}:calib", "eval": f"{FIXTURE}:labelled_eval"}
+    from deepshrink.core.errors import DataError
+
+    with pytest.raises(DataError, match="labels: with labels for eval, give them for calib"):
+        run_recipe(recipe(stages=stages, data=data), tmp_path, progress=False, log=lambda m: None)
+
+
+def test_a_dynamic_range_the_model_cannot_take_is_one_line(tmp_path):
+    from deepshrink.core.errors import ExportError
+
+    stages = [{"export": {"formats": ["onnx"], "baseline": False, "dynamic": {"input_ids": {1: [2, 32]}}}}]
+    with pytest.raises(ExportError, match="torch.export could not capture") as caught:
+        run_recipe(recipe(stages=stages), tmp_path, progress=False, log=lambda m: None)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ExportError, match="export.dynamic: no input named 'ids'; the model's inputs are input_ids, attention_mask"):
+        run_recipe(recipe(stages=[{"export": {"formats": ["onnx"], "dynamic": {"ids": {1: [2, 32]}}}}]), tmp_path / "b",
+                   progress=False, log=lambda m: None)

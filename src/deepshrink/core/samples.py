@@ -114,18 +114,31 @@ def as_call(inputs: Inputs, model: nn.Module | None = None) -> tuple[tuple, dict
         return tuple(inputs), {}
     params = forward_parameters(model) if model is not None else []
     keys = list(inputs)
-    if keys == params[:len(keys)]:
+    renamed = bool(params) and not set(keys) & set(params) and len(params) == len(keys)
+    if keys == params[:len(keys)] or renamed or (not params and _only_varargs(model)):
+        # a captured graph takes its inputs positionally, in the order they were captured
+        # (its placeholders may be renamed, e.g. args_0, args_1 for a forward(*args) wrapper)
         return tuple(inputs[k] for k in keys), {}
     return (), dict(inputs)
 
 
+def _only_varargs(model) -> bool:
+    while getattr(model, "wrapped_model", None) is not None:
+        model = model.wrapped_model
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+
+
 def call(model: Callable, inputs: Inputs):
-    """``model(x)``, ``model(*x)`` or ``model(**x)``."""
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` — a dict positionally when ``forward`` takes its
+    keys in that order (as ``as_call`` decides for capture, so a captured graph is called alike)."""
     if isinstance(inputs, torch.Tensor):
         return model(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(**inputs)
+    args, kwargs = as_call(inputs, model if isinstance(model, nn.Module) else None)
+    return model(*args, **kwargs)
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> Inputs:

@@ -92,9 +92,22 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
     return write_checkpoint(path, model.state_dict(), {"arch": arch})
 
 
+def select_outputs(model: nn.Module, keys: list) -> nn.Module:
+    """``model`` returning only the outputs named by ``keys`` (names or positions), rebuildable from its arch."""
+    from deepshrink.core.outputs import SelectOutputs
+
+    wrapped = SelectOutputs(model, list(keys))
+    inner = get_arch(model)
+    if inner is not None:
+        set_arch(wrapped, {"outputs": list(keys), "inner": inner})
+    return wrapped
+
+
 def build_from_arch(arch: dict, *, where: str) -> nn.Module:
     """A fresh module from a recorded architecture (``{"zoo": ..}`` or ``{"file": .., "class": ..}``)."""
     kwargs = arch.get("kwargs", {})
+    if "outputs" in arch and "inner" in arch:   # a model wrapped to return the named outputs
+        return select_outputs(build_from_arch(arch["inner"], where=where), arch["outputs"])
     if "zoo" in arch:
         return create(arch["zoo"], **kwargs)
     if "file" in arch and "class" in arch:

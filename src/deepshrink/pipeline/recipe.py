@@ -124,11 +124,15 @@ class EvaluateStage:
     latency_runs: int = 200
     warmup: int = 20
     fidelity: Literal["classification", "embedding", "tensor"] | None = None
+    metric: str | None = None    # path/to/file.py:NAME, fn(reference, produced) -> dict of extra figures
 
     def __post_init__(self) -> None:
         check(self.threads >= 1, "threads", f"{self.threads} must be >= 1")
         check(self.latency_runs >= 0, "latency_runs", "must be >= 0")
         check(self.warmup >= 0, "warmup", f"{self.warmup} must be >= 0")
+        from deepshrink.core.userfile import is_spec
+
+        check(self.metric is None or is_spec(self.metric), "metric", f"{self.metric!r} is not path/to/file.py:NAME")
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     target: str = "xnnpack"
     seed: int = 0
+    outputs: tuple[str, ...] | None = None   # the model's outputs to keep, by name or position ("logits", "0")
     stages: tuple[Stage, ...] = ()
 
     def as_dict(self) -> dict:
@@ -304,7 +309,8 @@ def parse_recipe(raw: Any) -> Recipe:
     _check_model(recipe.model)
     if recipe.data.user_samples:
         _check_user_data(recipe.data)
-    return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed")}, "stages": stages})
+    return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed", "outputs")},
+                     "stages": stages})
 
 
 def _check_model(spec: str) -> None:

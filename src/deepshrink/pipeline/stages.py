@@ -24,7 +24,12 @@ FP32, COMPRESSED = "fp32", "compressed"
 
 
 def initial_model(recipe: Recipe):
-    return load_model(recipe.model, **recipe.model_args)
+    model = load_model(recipe.model, **recipe.model_args)
+    if recipe.outputs:
+        from deepshrink.models.loading import select_outputs
+
+        model = select_outputs(model, list(recipe.outputs))
+    return model
 
 
 def _test_accuracy(model, ctx, state: RunState | None = None) -> float:
@@ -37,7 +42,16 @@ def _baseline(state: RunState, ctx) -> None:
     """Keep the dense fp32 model as the reference every compressed variant is compared with."""
     if state.baseline is None:
         state.snapshot_baseline()
-        state.baseline_macs = count_macs(state.baseline, ctx.example_batch(1))
+        try:
+            state.baseline_macs = count_macs(state.baseline, ctx.example_batch(1))
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:   # the model cannot take the data's samples
+            from deepshrink.core import samples as S
+            from deepshrink.core.errors import DataError
+
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"model and data do not fit: {type(state.model).__name__} cannot run a sample of "
+                            f"{ctx.data.name} ({S.describe(ctx.data.test[0][0])}, shapes {list(S.shapes(ctx.data.test[0][0]))}): "
+                            f"{type(err).__name__}: {first}") from None
 
 
 def _teacher(state: RunState, config: TrainConfig | None):
@@ -230,12 +244,25 @@ def _evaluate(state: RunState, config: EvaluateStage, ctx) -> dict:
         artifacts[f"{COMPRESSED} eager" + (" (simulated quantized)" if state.quantization else "")] = state.model
     artifacts.update({label: info["path"] for label, info in state.exports.items()})
     measured = evaluate_many(artifacts, ctx.data.test, threads=config.threads, latency_runs=config.latency_runs,
-                             reference=state.baseline, fidelity=config.fidelity, warmup=config.warmup)
+                             reference=state.baseline, fidelity=config.fidelity, warmup=config.warmup,
+                             metric=_user_metric(config.metric))
     state.variants = {label: {**m.as_dict(), **_role(label, state)} for label, m in measured.items()}
     document = build_metrics(state, ctx, config)
     write_metrics(ctx.out_dir / "metrics.json", document)
     lines = [f"{label}: {_headline(m)}" for label, m in measured.items()]
     return {"variants": list(state.variants), "checks": document["checks"], "line": "; ".join(lines)}
+
+
+def _user_metric(spec: str | None):
+    if spec is None:
+        return None
+    from deepshrink.core.errors import ConfigError
+    from deepshrink.core.userfile import load_object
+
+    fn = load_object(spec, what="evaluate.metric", error=ConfigError)
+    if not callable(fn):
+        raise ConfigError(f"evaluate.metric: {spec!r} is not a function")
+    return fn
 
 
 def _headline(m) -> str:
