@@ -19,6 +19,10 @@ Samples: each a dict ``{"input_ids": int64 [1, seq], "attention_mask": int64 [1,
 dim 1 kept, as a tokenizer's ``return_tensors="pt"`` gives), seq in 2..128. Token 2 plays [CLS],
 3 [SEP], 0 [PAD] (the config's pad_token_id); the rest are uniform in 5..999. About a third of the
 samples end in padding (ids 0, mask 0) after the [SEP]. Calibration seed 0, evaluation seed 1.
+
+Export: ``torch.export.export(model, (), sample, dynamic_shapes={"input_ids": {0: batch, 1: seq},
+"attention_mask": {0: batch, 1: seq}})`` with seq max 128 exports, lowers (.pte) and goes to ONNX;
+the example must have batch >= 2 (a batch-1 example specialises the batch dim).
 """
 from __future__ import annotations
 

@@ -17,6 +17,10 @@ Samples: each one float32 ``[1024]`` (no batch dim): a 64 ms frame at 16 kHz of 
 deviation, as ``torchcrepe.preprocess`` does. Stack a list into ``[batch, 1024]``.
 Calibration and evaluation pitches interleave on one log-spaced grid (50-1000 Hz), so they never
 coincide; the ground truth is :func:`calibration_frequencies` / :func:`evaluation_frequencies`.
+
+Export (torch 2.13, executorch 1.5.1, onnxruntime 1.31.1): ``dynamic_shapes=({0: Dim("batch",
+min=1, max=1024)},)`` exports, lowers to XNNPACK (.pte) and to ONNX; give an example with batch >= 2
+(a batch-1 example specialises the batch dim).
 """
 from __future__ import annotations
 

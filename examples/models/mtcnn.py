@@ -23,6 +23,11 @@ about half the crops, a cartoon face (skin-tone ellipse, eyes, brows, nose, mout
 offset and scale, drawn at 96 px and area-resized to the net's size like ``imresample``.
 PNet crops have H and W drawn independently from 12..48; RNet 24x24; ONet 48x48. Calibration
 (seed 0) and evaluation (seed 1) are drawn from different seeds.
+
+Export: PNet's H, W need ``Dim.AUTO(min=12, max=1024)`` (a named ``Dim`` fails on the
+ceil-mode pooling guard); RNet / ONet export with a dynamic batch but the XNNPACK partitioner
+fails on their ``permute(0, 3, 2, 1).contiguous().view`` (ChannelsLastTaggedReshapePass);
+portable (no partitioner) lowering and ONNX work.
 """
 from __future__ import annotations
 
