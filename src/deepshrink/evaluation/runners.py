@@ -59,8 +59,9 @@ class PteRunner(Runner):
         self.path, self.threads = Path(path), threads
         _unsafe_reset_threadpool(threads)
         try:
-            program = Runtime.get().load_program(self.path)
-            self.method = program.load_method("forward")
+            # the method borrows from the program: keep both alive (a freed program makes execute crash)
+            self.program = Runtime.get().load_program(self.path)
+            self.method = self.program.load_method("forward")
             # the memory plan bounds the batch; lowering may tighten the bound we exported with
             self.max_batch = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
         except Exception as err:  # the runtime raises RuntimeError/ValueError for bad programs
