@@ -76,3 +76,21 @@ def test_evaluate_json_on_a_checkpoint(tmp_path, capsys):
     assert metrics["params"] == 203_530 and metrics["test_samples"] == 359
     assert metrics["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
     assert metrics["latency_runs"] == 3
+
+
+def test_a_failure_inside_the_users_model_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DEEPSHRINK_TRACEBACK", raising=False)
+    (tmp_path / "m.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Breaks(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(784, 10)\n"
+        "    def forward(self, x):\n"
+        "        if not self.training:\n            raise ValueError('only runs in training')\n"
+        "        return self.fc(x.flatten(1))\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: breaks\nmodel: {tmp_path / 'm.py'}:Breaks\ndata: {{name: digits}}\n"
+                      "stages:\n  - train: {epochs: 1}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deepshrink: failed: ValueError: only runs in training (set DEEPSHRINK_TRACEBACK=1")
+    assert not any(line.startswith("Traceback") for line in err)

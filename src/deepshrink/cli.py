@@ -15,6 +15,7 @@ import warnings
 from deepshrink.core.errors import DeepshrinkError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1   # a run that failed inside a stage (input errors are EXIT_USAGE)
 
 
 def _quiet_libraries() -> None:
@@ -137,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deepshrink: interrupted; rerun with --resume to continue from the last finished stage", file=sys.stderr)
         return 130
+    except Exception as err:   # a failure inside a stage (often the model's own code): one line, exit 1
+        if os.environ.get("DEEPSHRINK_TRACEBACK"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"deepshrink: failed: {type(err).__name__}: {first} (set DEEPSHRINK_TRACEBACK=1 for the traceback; "
+              "--resume continues from the last finished stage)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_USAGE
 
 

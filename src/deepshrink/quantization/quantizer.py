@@ -106,6 +106,9 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
     class MobileXNNPACKQuantizer(XNNPACKQuantizer):
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return scalars_to_float_attrs(model)
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             # The conv-bn patterns are traced with torch.export on every call (about 0.3 s per
             # variant): keep only those that can match this graph. PTQ folds batch norm before
@@ -121,6 +124,7 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
                 annotate_clamped(model, self.global_config, self.filter_fn)
             super().annotate(model)
             share_through_padding(model)
+            drop_integer_annotations(model)
             return model
 
     quantizer = MobileXNNPACKQuantizer().set_global(config)
@@ -128,6 +132,57 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
         patterns = tuple(fp32_layers)
         quantizer.set_filter_function(lambda node: not in_layers(node, patterns))
     return quantizer
+
+
+def scalars_to_float_attrs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """XNNPACK's scalar-to-tensor pass (so ``x + 1.5`` can carry a quantization spec), applied only
+    to float adds and muls: XNNPACK's own makes every scalar a float tensor, which turns integer
+    index arithmetic (``arange(seq) + offset`` in a transformer's attention mask) into floats."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor):
+            continue
+        if not _is_float(node) or "val" not in node.meta:
+            continue
+        args = []
+        for arg in node.args:
+            if isinstance(arg, Node) or not isinstance(arg, (int, float)):
+                args.append(arg)
+                continue
+            name = f"_deepshrink_scalar_{len([n for n in gm.graph.nodes if n.op == 'get_attr'])}"
+            value = torch.tensor(float(arg))
+            gm.register_buffer(name, value)
+            with gm.graph.inserting_before(node):
+                attr = gm.graph.create_node("get_attr", name, (), {})
+            attr.meta["val"] = node.meta["val"].fake_mode.from_tensor(value, static_shapes=True)
+            args.append(attr)
+        node.args = tuple(args)
+    gm.recompile()
+    return gm
+
+
+def _is_float(node) -> bool:
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value is None or not isinstance(value, torch.Tensor) or value.is_floating_point()
+
+
+def drop_integer_annotations(gm: torch.fx.GraphModule) -> int:
+    """Remove quantization specs from integer tensors (token ids, masks, indices): XNNPACK's shared
+    annotations (e.g. of a view or a gather) can reach them, and a quantized index is no index.
+    Returns how many specs were dropped."""
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    dropped = 0
+    for node in gm.graph.nodes:
+        annotation = node.meta.get(Q_ANNOTATION_KEY)
+        if annotation is None:
+            continue
+        for arg in [a for a in annotation.input_qspec_map if not _is_float(a)]:
+            del annotation.input_qspec_map[arg]
+            dropped += 1
+        if annotation.output_qspec is not None and not _is_float(node):
+            annotation.output_qspec = None
+            dropped += 1
+    return dropped
 
 
 def annotate_clamped(gm: torch.fx.GraphModule, config, filter_fn=None) -> list[list[Node]]:
