@@ -70,7 +70,8 @@ def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None) 
         size = f"{v['file_bytes'] / 1024:8.1f} KiB" if v.get("file_bytes") else " " * 12
         lat = f"{v['latency_ms_median']:.3f} ms" if v.get("latency_ms_median") is not None else ""
         score = f"acc {100 * v['accuracy']:6.2f} %" if v["accuracy"] is not None else (
-            f"{v['fidelity']['headline']} {v['fidelity']['value']:.4f}" if v.get("fidelity") else "")
+            f"{v['fidelity']['headline']} " + ("identical" if v["fidelity"]["value"] is None else f"{v['fidelity']['value']:.4f}")
+            if v.get("fidelity") else "")
         print(f"  {label:38s} {v['runtime']:12s} {score}  {size}  {lat}")
     if result.metrics_path:
         print(f"metrics: {result.metrics_path}")

@@ -106,3 +106,10 @@ def test_a_dynamic_range_the_model_cannot_take_is_one_line(tmp_path):
     with pytest.raises(ExportError, match="export.dynamic: no input named 'ids'; the model's inputs are input_ids, attention_mask"):
         run_recipe(recipe(stages=[{"export": {"formats": ["onnx"], "dynamic": {"ids": {1: [2, 32]}}}}]), tmp_path / "b",
                    progress=False, log=lambda m: None)
+
+
+def test_metrics_json_is_strict_json(run):
+    text = run.metrics_path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["variants"]["fp32 eager"]["fidelity"]["top1_agreement"] == 1.0

@@ -73,10 +73,11 @@ def embedding(ref: torch.Tensor, out: torch.Tensor, k: int = 5) -> dict:
 
 
 def tensor(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """SQNR in dB (``None`` when the outputs are identical: no noise, and JSON has no infinity) and max |Δ|."""
     noise = float(((ref - out) ** 2).sum())
     signal = float((ref ** 2).sum())
-    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
-    return {"sqnr_db": sqnr, "max_abs_diff": float((ref - out).abs().max()) if ref.numel() else 0.0}
+    sqnr = None if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    return {"sqnr_db": sqnr, "identical": noise == 0, "max_abs_diff": float((ref - out).abs().max()) if ref.numel() else 0.0}
 
 
 def fidelity(reference: Sequence[tuple], produced: Sequence[tuple], *, kind: str | None = None,

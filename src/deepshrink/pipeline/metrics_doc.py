@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -78,7 +79,9 @@ def derive_checks(variants: dict[str, dict]) -> dict:
             checks[f"compressed_{fmt}_minus_simulated_accuracy_pt"] = round(100 * (runtime["accuracy"] - simulated["accuracy"]), 3)
         elif simulated and runtime and simulated.get("fidelity") and runtime.get("fidelity"):
             name = simulated["fidelity"]["headline"]
-            checks[f"compressed_{fmt}_minus_simulated_{name}"] = round(runtime["fidelity"]["value"] - simulated["fidelity"]["value"], 6)
+            a, b = runtime["fidelity"]["value"], simulated["fidelity"]["value"]
+            if a is not None and b is not None:
+                checks[f"compressed_{fmt}_minus_simulated_{name}"] = round(a - b, 6)
         fp32, comp = find("fp32", fmt), runtime
         if fp32 and comp and comp["file_bytes"]:
             checks[f"{fmt}_size_ratio_fp32_over_compressed"] = round(fp32["file_bytes"] / comp["file_bytes"], 3)
@@ -90,5 +93,16 @@ def derive_checks(variants: dict[str, dict]) -> dict:
     return checks
 
 
+def finite(value):
+    """``value`` with every NaN/infinity replaced by ``None``: metrics.json is strict JSON (no ``NaN``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_metrics(path: Path, document: dict) -> Path:
-    return atomic_write_text(path, json.dumps(document, indent=2, sort_keys=False))
+    return atomic_write_text(path, json.dumps(finite(document), indent=2, sort_keys=False, allow_nan=False))

@@ -270,7 +270,8 @@ def _headline(m) -> str:
     if m.accuracy is not None:
         return f"{m.accuracy:.2%}"
     if m.fidelity:
-        return f"{m.fidelity['headline']} {m.fidelity['value']:.4g}"
+        value = m.fidelity["value"]
+        return f"{m.fidelity['headline']} " + ("identical" if value is None else f"{value:.4g}")
     return "—"
 
 

@@ -60,7 +60,7 @@ def _fidelity_cell(f: dict | None) -> str:
     if not f:
         return "—"
     keys = [k for k in f if k not in ("kind", "samples", "headline", "value", "outputs", "user")]
-    text = ", ".join(f"{k} {f[k]:.4g}" for k in keys)
+    text = ", ".join(f"{k} {_fmt(f[k])}" for k in keys)
     return html.escape(f"{f['kind']}: {text}" + (f"; user: {f['user']}" if f.get("user") else ""))
 
 
