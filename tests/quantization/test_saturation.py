@@ -120,3 +120,22 @@ def test_the_real_kernel_agrees_with_what_the_cpu_features_predict(tmp_path):
     safe_result = export(safe, tmp_path / "safe.onnx", example_input=x)
     assert safe_result.parity_passed and len(safe_result.parity) == 1   # a safe layout needs no emulation
     assert safe._deepshrink_quant["int8_layout"] == "u8s8-reduced"
+
+
+def test_the_gate_refuses_a_saturating_onnx_file_on_every_cpu(tmp_path):
+    """The forced saturating configuration: full-range weights into an .onnx. On a VNNI CPU the
+    file is right here, but the emulated AVX2 kernel is not, so export fails with one line."""
+    from deepshrink.deploy import export
+    from deepshrink.deploy.parity import EMULATED, ParityError
+
+    model, data = saturating()
+    x = torch.stack([data.test[i][0] for i in range(16)])
+    full = quantize(model, Int8Static(int8_layout="s8s8", calibration="minmax"), data=data, target="onnxruntime")
+    with pytest.raises(ParityError) as caught:
+        export(full, tmp_path / "full.onnx", example_input=x)
+    message = str(caught.value)
+    assert "\n" not in message and "output steps" in message
+    assert "int8 layout 's8s8' uses full-range weights" in message and "u8s8-reduced" in message
+    if not cpu_info().int8_pairs_saturate:
+        assert f"failed in {EMULATED}" in message        # this CPU computes it right; the CPUs it will meet do not
+    assert not (tmp_path / "full.onnx").exists()
