@@ -140,3 +140,26 @@ def calibration_samples(n: int = 32) -> list[torch.Tensor]:
 def evaluation_samples(n: int = 32) -> list[torch.Tensor]:
     """``n`` float32 mel tensors ``[frames, 40]``, frames in 60..160, seed 1 (disjoint voices)."""
     return _samples(n, seed=1)
+
+
+PARTIAL_FRAMES = 160   # Resemblyzer embeds 160-frame partial utterances (``partials_n_frames``)
+
+
+def _partials(samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each utterance as one ``[160, 40]`` window, cyclically repeated when shorter: a fixed frame
+    count, because the LSTM's decomposition guards the frame count under torch.export."""
+    out = []
+    for mel in samples:
+        reps = -(-PARTIAL_FRAMES // mel.shape[0])
+        out.append(mel.repeat(reps, 1)[:PARTIAL_FRAMES].contiguous())
+    return out
+
+
+def calibration_partials(n: int = 32) -> list[torch.Tensor]:
+    """``calibration_samples`` as fixed ``[160, 40]`` windows."""
+    return _partials(calibration_samples(n))
+
+
+def evaluation_partials(n: int = 32) -> list[torch.Tensor]:
+    """``evaluation_samples`` as fixed ``[160, 40]`` windows."""
+    return _partials(evaluation_samples(n))

