@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--runs", type=int, default=200, help="timed batch-1 calls (after warm-up)")
     ev.add_argument("--warmup", type=int, default=20)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--model-code", default=None, metavar="FILE.py:NAME",
+                    help="your code that rebuilds a checkpoint of your own model (it runs; a checkpoint never names code itself)")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
@@ -85,7 +87,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from deepshrink.evaluation import evaluate
 
     data = load_data(args.data, data_dir=args.data_dir, image_size=args.image_size)
-    metrics = evaluate(args.model, data.test, threads=args.threads, latency_runs=args.runs, warmup=args.warmup)
+    metrics = evaluate(args.model, data.test, threads=args.threads, latency_runs=args.runs, warmup=args.warmup,
+                       code=args.model_code)
     if args.json:
         from deepshrink.core.cpu import cpu_info
 

@@ -47,8 +47,27 @@ def test_user_model_file_and_its_checkpoint(tmp_path):
     model = load(f"{tmp_path / 'mine.py'}:Tiny", width=8)
     assert model.fc.out_features == 8
     path = save_checkpoint(model, tmp_path / "mine.safetensors")
-    again = load(path)
-    assert torch.equal(again.fc.weight, model.fc.weight)
+    again = load(path, code=f"{tmp_path / 'mine.py'}:Tiny")          # the loader names the code it runs
+    assert torch.equal(again.fc.weight, model.fc.weight) and again.fc.out_features == 8
+
+
+def test_a_checkpoint_never_runs_the_code_it_names(tmp_path):
+    """A checkpoint whose arch names a .py file: loading it without naming that code imports nothing."""
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + USER_MODEL)
+    model = load(f"{tmp_path / 'evil.py'}:Tiny")
+    marker.unlink()
+    path = save_checkpoint(model, tmp_path / "evil.safetensors")
+    with pytest.raises(ModelLoadError, match=r"was built by your code 'Tiny' from evil.py; rebuilding it runs that code, "
+                                              r"so name the file yourself: code='path/to/evil.py:Tiny'"):
+        load(path)
+    assert not marker.exists()
+    with pytest.raises(ModelLoadError, match="was built by 'Tiny' from evil.py, but the code named is"):
+        load(path, code=f"{tmp_path / 'evil.py'}:Other")
+    from deepshrink.cli import main
+
+    assert main(["evaluate", str(path), "--data", "digits", "--runs", "1", "--warmup", "0"]) == 2
+    assert not marker.exists()
 
 
 def test_user_model_errors(tmp_path):

@@ -113,3 +113,10 @@ def test_metrics_json_is_strict_json(run):
     assert "NaN" not in text and "Infinity" not in text
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert doc["variants"]["fp32 eager"]["fidelity"]["top1_agreement"] == 1.0
+
+
+def test_resume_rebuilds_the_users_model_from_the_recipes_own_code(run):
+    logs = []
+    again = run_recipe(recipe(), run.out_dir, resume=True, progress=False, log=logs.append)
+    assert logs == ["resuming tokens: stages 1-4 already done"]
+    assert again.state.variants == run.state.variants

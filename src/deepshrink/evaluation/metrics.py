@@ -132,6 +132,7 @@ def evaluate(
     reference: nn.Module | str | os.PathLike | None = None,
     fidelity: str | None = None,
     metric=None,
+    code: str | None = None,
 ) -> Metrics:
     """Accuracy on ``test`` (when it has labels), fidelity to ``reference`` (the original model,
     when given: ``evaluation.fidelity``, ``fidelity`` overrides the kind, ``metric`` adds a user
@@ -140,7 +141,7 @@ def evaluate(
     ``artifact`` is a module (measured in eager PyTorch) or a ``.pte`` / ``.onnx`` / checkpoint
     file (measured in ExecuTorch, ONNX Runtime, or eager PyTorch after a safe load).
     """
-    runner = open_runner(artifact, threads=threads)
+    runner = open_runner(artifact, threads=threads, code=code)
     reference_outputs = None
     if reference is not None:
         reference_outputs = run_outputs(open_runner(reference, threads=threads), eval_batches(test)[0])

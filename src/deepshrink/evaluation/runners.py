@@ -116,8 +116,9 @@ class OnnxRunner(Runner):
         return tuple(torch.from_numpy(o) for o in self.session.run(None, self.feeds(x)))
 
 
-def open_runner(artifact: nn.Module | str | os.PathLike, *, threads: int = 1):
-    """The runner for a module, a ``.pte``, an ``.onnx``, or a checkpoint (loaded eagerly)."""
+def open_runner(artifact: nn.Module | str | os.PathLike, *, threads: int = 1, code: str | None = None):
+    """The runner for a module, a ``.pte``, an ``.onnx``, or a checkpoint (loaded eagerly; ``code``
+    names the ``file.py:NAME`` that rebuilds a checkpoint of your own model)."""
     if isinstance(artifact, nn.Module):
         return EagerRunner(artifact, threads)
     path = Path(artifact)
@@ -129,7 +130,7 @@ def open_runner(artifact: nn.Module | str | os.PathLike, *, threads: int = 1):
         return OnnxRunner(path, threads)
     from deepshrink.models.loading import load_checkpoint
 
-    model = load_checkpoint(path)
+    model = load_checkpoint(path, code=code)
     runner = EagerRunner(model, threads)
     if path.suffix == ".dsk":
         _apply_sparse_decisions(model, path)

@@ -26,10 +26,12 @@ from deepshrink.models.zoo import ZOO, create, get_arch, set_arch
 DSK_LAYOUTS = {"deepshrink.lowbit": "deepshrink.quantization.lowbit.storage"}
 
 
-def load(spec: str | os.PathLike, **kwargs: Any) -> nn.Module:
+def load(spec: str | os.PathLike, *, code: str | None = None, **kwargs: Any) -> nn.Module:
+    """A module from a spec. ``code``: ``path/to/file.py:NAME`` that rebuilds a checkpoint made from
+    your own code — a checkpoint never names code that loading would run by itself."""
     text = str(spec)
     if text.endswith((".safetensors", ".pt2", ".dsk")) or (Path(text).suffix in {".pt", ".pth", ".ckpt"}):
-        return load_checkpoint(text)
+        return load_checkpoint(text, code=code)
     if ":" in text and text.split(":", 1)[0].endswith(".py"):
         return load_user_class(text, **kwargs)
     if text in ZOO:
@@ -103,19 +105,35 @@ def select_outputs(model: nn.Module, keys: list) -> nn.Module:
     return wrapped
 
 
-def build_from_arch(arch: dict, *, where: str) -> nn.Module:
-    """A fresh module from a recorded architecture (``{"zoo": ..}`` or ``{"file": .., "class": ..}``)."""
+def build_from_arch(arch: dict, *, where: str, code: str | None = None) -> nn.Module:
+    """A fresh module from a recorded architecture (``{"zoo": ..}`` or ``{"file": .., "class": ..}``).
+
+    A module built by the user's code is rebuilt only from ``code`` — the ``path/to/file.py:NAME``
+    the person loading names — never from the path recorded in the file: a checkpoint is data, and
+    importing a file it names would run code nobody chose to run."""
+    if not isinstance(arch, dict):
+        raise ModelLoadError(f"model: {where} records its architecture as a {type(arch).__name__}, not an object")
     kwargs = arch.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ModelLoadError(f"model: {where} records arguments of the wrong type ({type(kwargs).__name__})")
     if "outputs" in arch and "inner" in arch:   # a model wrapped to return the named outputs
-        return select_outputs(build_from_arch(arch["inner"], where=where), arch["outputs"])
+        return select_outputs(build_from_arch(arch["inner"], where=where, code=code), arch["outputs"])
     if "zoo" in arch:
         return create(arch["zoo"], **kwargs)
     if "file" in arch and "class" in arch:
-        return load_user_class(f"{arch['file']}:{arch['class']}", **kwargs)
+        name, file_name = str(arch["class"]), Path(str(arch["file"])).name
+        if code is None:
+            raise ModelLoadError(
+                f"model: {where} was built by your code {name!r} from {file_name}; rebuilding it runs that code, so "
+                f"name the file yourself: code='path/to/{file_name}:{name}' (CLI: --model-code path/to/{file_name}:{name})")
+        if code.rpartition(":")[2] != name:
+            raise ModelLoadError(f"model: {where} was built by {name!r} from {file_name}, but the code named is {code!r}")
+        return load_user_class(code, **kwargs)
     raise ModelLoadError(f"model: {where} does not say how to rebuild its architecture")
 
 
-def load_checkpoint(path: str | os.PathLike) -> nn.Module:
+def load_checkpoint(path: str | os.PathLike, *, code: str | None = None) -> nn.Module:
+    """A module from a ``.safetensors`` / ``.dsk`` / ``.pt2`` file; ``code`` rebuilds one made from your own code."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model: checkpoint {path} does not exist")
@@ -132,13 +150,13 @@ def load_checkpoint(path: str | os.PathLike) -> nn.Module:
 
             tensors, meta = read_container(path)  # codebooks and sparse positions decode to dense tensors
             if meta.get("format") in DSK_LAYOUTS:
-                return importlib.import_module(DSK_LAYOUTS[meta["format"]]).load_compressed(path)
+                return importlib.import_module(DSK_LAYOUTS[meta["format"]]).load_compressed(path, code=code)
         else:
             tensors, meta = read_checkpoint(path)
     except ArtifactError as err:
         raise ModelLoadError(f"model: {err}") from None
     arch = meta.get("arch") or {}
-    model = build_from_arch(arch, where=str(path))
+    model = build_from_arch(arch, where=str(path), code=code)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

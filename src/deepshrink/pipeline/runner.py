@@ -80,7 +80,11 @@ def run_recipe(
         data = dataclasses.replace(data, dynamic={k: {int(d): tuple(r) for d, r in dims.items()} for k, dims in dynamic.items()})
     ctx = RunContext(recipe, data, get_target(recipe.target), out, sys.stderr.isatty() if progress is None else progress, log)
     state_dir = out / "state"
-    state = load_state(state_dir, recipe.fingerprint()) if resume else None
+    from deepshrink.core.userfile import is_spec
+
+    # the recipe names the user's code; that (never a path inside a saved file) rebuilds its model
+    code = recipe.model if is_spec(recipe.model) else None
+    state = load_state(state_dir, recipe.fingerprint(), code=code) if resume else None
     if state is not None:
         log(f"resuming {recipe.name}: stages 1-{state.completed} already done")
     else:

@@ -79,7 +79,9 @@ def _train(state: RunState, config: TrainConfig, ctx) -> dict:
 
 
 def _load(state: RunState, config: LoadStage, ctx) -> dict:
-    state.model = load_checkpoint(config.checkpoint)
+    from deepshrink.core.userfile import is_spec
+
+    state.model = load_checkpoint(config.checkpoint, code=ctx.recipe.model if is_spec(ctx.recipe.model) else None)
     state.baseline = None
     _baseline(state, ctx)
     acc = _test_accuracy(state.model, ctx, state)

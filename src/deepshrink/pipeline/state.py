@@ -58,21 +58,22 @@ def save_state(state: RunState, directory: Path, fingerprint: str, example_input
     }, indent=2))
 
 
-def load_state(directory: Path, fingerprint: str) -> RunState | None:
-    """The saved state of the same recipe, or ``None`` when there is none to resume."""
+def load_state(directory: Path, fingerprint: str, *, code: str | None = None) -> RunState | None:
+    """The saved state of the same recipe, or ``None`` when there is none to resume. ``code``: the
+    recipe's own ``file.py:NAME`` model, which rebuilds a state saved from it."""
     path = directory / "state.json"
     if not path.is_file():
         return None
     saved: dict[str, Any] = json.loads(path.read_text())
     if saved.get("fingerprint") != fingerprint:
         return None
-    model = load_checkpoint(directory / saved["model_file"])
+    model = load_checkpoint(directory / saved["model_file"], code=code)
     if saved["quantization"] is not None:
         object.__setattr__(model, "_deepshrink_quant", saved["quantization"])
     if saved["has_masks"]:
         masks, _ = read_checkpoint(directory / "masks.safetensors")
         attach_masks(model, {k: v.bool() for k, v in masks.items()})
-    baseline = load_checkpoint(directory / "baseline.safetensors") if saved["has_baseline"] else None
+    baseline = load_checkpoint(directory / "baseline.safetensors", code=code) if saved["has_baseline"] else None
     return RunState(
         model=model, baseline=baseline, baseline_macs=saved["baseline_macs"], quantization=saved["quantization"],
         exports=saved["exports"], variants=saved["variants"], log=saved["log"], completed=saved["completed"],

@@ -72,7 +72,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, metadata: Mapp
     return write_container(path, records, meta)
 
 
-def load_compressed(path: str | os.PathLike) -> nn.Module:
+def load_compressed(path: str | os.PathLike, *, code: str | None = None) -> nn.Module:
     """The eager module saved by ``save_compressed``, weights decoded, in eval mode.
 
     Any ``.dsk`` whose metadata has an ``arch`` loads (e.g. a pruned model stored sparsely);
@@ -94,7 +94,7 @@ def load_compressed(path: str | os.PathLike) -> nn.Module:
         qw = _decode_weight(path, name, spec, tensors)
         quantized[name] = qw
         state[name] = qw.dequantize()
-    model = build_from_arch(arch, where=str(path))
+    model = build_from_arch(arch, where=str(path), code=code)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
