@@ -32,6 +32,10 @@ def initial_model(recipe: Recipe):
     return model
 
 
+def _score_name(ctx) -> str:
+    return "test accuracy" if ctx.data.labelled else "top-1 agreement with fp32"
+
+
 def _test_accuracy(model, ctx, state: RunState | None = None) -> float:
     """Test accuracy with labels; without, top-1 agreement with the fp32 baseline (fidelity)."""
     reference = state.baseline if state is not None and state.baseline is not None else model
@@ -75,7 +79,7 @@ def _train(state: RunState, config: TrainConfig, ctx) -> dict:
     _baseline(state, ctx)
     acc = _test_accuracy(state.model, ctx, state)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
-            "line": f"test accuracy {acc:.2%} (eager fp32)"}
+            "line": f"{_score_name(ctx)} {acc:.2%} (eager fp32)"}
 
 
 def _load(state: RunState, config: LoadStage, ctx) -> dict:
@@ -85,7 +89,7 @@ def _load(state: RunState, config: LoadStage, ctx) -> dict:
     state.baseline = None
     _baseline(state, ctx)
     acc = _test_accuracy(state.model, ctx, state)
-    return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"test accuracy {acc:.2%}"}
+    return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"{_score_name(ctx)} {acc:.2%}"}
 
 
 def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict]:
@@ -109,7 +113,7 @@ def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
     layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
     return {"structured": report.as_dict(), "layers": layers, "test_accuracy": acc,
             "line": f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_reduction:.2f}x fewer), "
-                    f"test accuracy {acc:.2%}"}
+                    f"{_score_name(ctx)} {acc:.2%}"}
 
 
 def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
@@ -134,7 +138,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     if stage.schedule is None:
         report = prune(state.model, config, data=ctx.data)
         acc = _test_accuracy(state.model, ctx, state)
-        line = f"sparsity {report.sparsity:.1%} of pruned layers, test accuracy {acc:.2%}"
+        line = f"sparsity {report.sparsity:.1%} of pruned layers, {_score_name(ctx)} {acc:.2%}"
         if stage.retrain is None:
             return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
         # one-shot prune, then the stage's own retraining with the masks held
@@ -149,7 +153,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     acc = _test_accuracy(state.model, ctx, state)
     rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": s.history.val_accuracy} for s in steps]
     return {**report.as_dict(), **extra, "rounds": rounds, "test_accuracy": acc,
-            "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, test accuracy {acc:.2%}"}
+            "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, {_score_name(ctx)} {acc:.2%}"}
 
 
 def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
@@ -157,7 +161,7 @@ def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
     history = _fit_resumable(state, config, ctx, "finetune", _teacher(state, config))
     acc = _test_accuracy(state.model, ctx, state)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
-            "masks_kept": bool(get_masks(state.model)), "line": f"test accuracy {acc:.2%}"}
+            "masks_kept": bool(get_masks(state.model)), "line": f"{_score_name(ctx)} {acc:.2%}"}
 
 
 def _export_formats(ctx) -> tuple[str, ...]:
@@ -206,7 +210,7 @@ def _quantize(state: RunState, config, ctx) -> dict:
     if lowbit:
         state.quantization["weights"] = {name: f"{type(qw).__name__} {qw.bits}-bit" for name, qw in lowbit.items()}
     return {**state.quantization, "simulated_test_accuracy": acc,
-            "line": f"simulated (PyTorch) test accuracy {acc:.2%}"}
+            "line": f"simulated (PyTorch) {_score_name(ctx)} {acc:.2%}"}
 
 
 def _export(state: RunState, config: ExportStage, ctx) -> dict:
