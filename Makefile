@@ -26,7 +26,7 @@ test: $(STAMP)
 examples: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-examples.txt
 
-bench: $(STAMP)
+bench: $(STAMP) examples
 	$(PY) bench/run_all.py
 
 clean:

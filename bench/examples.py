@@ -79,6 +79,11 @@ def ort_default(fp32_onnx, data, path) -> None:
 
 
 def main() -> None:
+    import importlib.util
+
+    missing = [m for m in ("torchcrepe", "resemblyzer", "facenet_pytorch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"bench/examples.py: {', '.join(missing)} not installed; run `make examples` first")
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     sections = []
