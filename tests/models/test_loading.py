@@ -118,3 +118,27 @@ def test_sparse_dsk_round_trip_is_exact_and_small(tmp_path):
         assert torch.equal(a, b), n
     # 90 % zeros stored as positions + fp32 values: well under half the dense fp32 bytes
     assert path.stat().st_size < 0.25 * 4 * 266_610
+
+
+def test_a_plain_module_is_stored_with_its_loader_not_a_pickle(tmp_path):
+    """A module the user built in their own code: record how to rebuild it, then .safetensors and
+    .dsk work, and loading names the code again."""
+    from deepshrink.formats.container import read_container
+    from deepshrink.models import record_loader
+
+    (tmp_path / "mine.py").write_text(USER_MODEL)
+    from importlib import util
+
+    spec = util.spec_from_file_location("mine_for_test", tmp_path / "mine.py")
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Tiny(width=6)                       # built by the user, not by deepshrink
+    with pytest.raises(ModelLoadError, match=r"record_loader\(model, 'path/to/file.py:NAME'"):
+        save_checkpoint(model, tmp_path / "m.dsk")
+    record_loader(model, f"{tmp_path / 'mine.py'}:Tiny", width=6)
+    path = save_checkpoint(model, tmp_path / "m.dsk")
+    _, meta = read_container(path)
+    assert meta["arch"]["class"] == "Tiny" and meta["arch"]["kwargs"] == {"width": 6}
+    again = load(path, code=f"{tmp_path / 'mine.py'}:Tiny")
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(again(x), model(x))

@@ -83,7 +83,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
     arch = get_arch(model)
     if arch is None:
         raise ModelLoadError(
-            f"{path}: this module has no recorded architecture (a graph module or a model built outside deepshrink); save it as .pt2"
+            f"{path}: this module has no recorded architecture (a graph module, or a model built outside deepshrink); "
+            "say how to rebuild it with deepshrink.models.record_loader(model, 'path/to/file.py:NAME', **kwargs), "
+            "or save it as .pt2"
         )
     if path.suffix == ".dsk":
         from deepshrink.formats.container import record_for, write_container
@@ -92,6 +94,21 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
         records = [record_for(name, tensor) for name, tensor in model.state_dict().items()]
         return write_container(path, records, {"arch": arch})
     return write_checkpoint(path, model.state_dict(), {"arch": arch})
+
+
+def record_loader(model: nn.Module, spec: str, **kwargs: Any) -> nn.Module:
+    """Record that ``path/to/file.py:NAME(**kwargs)`` rebuilds ``model`` (a class or a loader
+    function), so its checkpoints and ``.dsk`` files store that — never a pickle. Loading them
+    later needs the same spec named again (``code=``); nothing is imported here."""
+    from deepshrink.core.userfile import is_spec
+
+    if not is_spec(spec):
+        raise ModelLoadError(f"record_loader: {spec!r} is not path/to/file.py:NAME")
+    file_part, _, name = spec.rpartition(":")
+    if not Path(file_part).is_file():
+        raise ModelLoadError(f"record_loader: file {file_part} does not exist")
+    set_arch(model, {"file": str(Path(file_part).resolve()), "class": name, "kwargs": dict(kwargs)})
+    return model
 
 
 def select_outputs(model: nn.Module, keys: list) -> nn.Module:
