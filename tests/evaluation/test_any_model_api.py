@@ -1,5 +1,5 @@
 """The README's own-model snippet, on the token-id fixture: from_samples -> quantize -> export -> evaluate."""
-import importlib.util
+import types
 from pathlib import Path
 
 import pytest
@@ -11,10 +11,11 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "token_model.py"
 
 
 def fixture_module():
-    spec = importlib.util.spec_from_file_location("token_model_fixture", FIXTURE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from deepshrink.core.errors import DataError
+    from deepshrink.core.userfile import load_object
+
+    names = ("pretrained", "calib", "evaluation", "labelled_eval")
+    return types.SimpleNamespace(**{n: load_object(f"{FIXTURE}:{n}", what="test", error=DataError) for n in names})
 
 
 def test_raw_token_ids_end_to_end_in_onnx_runtime(tmp_path):

@@ -81,7 +81,9 @@ def test_a_fidelity_budget_without_labels_and_a_user_metric(tmp_path):
     assert budget["float_accuracy"] == 1.0 and [s["action"] for s in budget["steps"]][0] == "ptq"
     assert any("budget:" in line for line in logs)
     v = run.state.variants["compressed .onnx"]
-    assert v["fidelity"]["user"]["mean_abs_logit_shift"] >= 0 and v["accuracy"] is None
+    # int8 moves the logits a little: a metric that returned a constant 0 (or was never called) fails here
+    assert 0 < v["fidelity"]["user"]["mean_abs_logit_shift"] < 0.5 and v["accuracy"] is None
+    assert run.state.variants["fp32 eager"]["fidelity"]["user"]["mean_abs_logit_shift"] == 0.0
     # outputs: [logits] — every file returns the logits alone
     assert len(open_runner(run.out_dir / "compressed.onnx").predict_all(
         {"input_ids": torch.randint(0, 50, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.int64)})) == 1

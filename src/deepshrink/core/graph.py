@@ -86,7 +86,7 @@ def capture(model: nn.Module, example_input: Any, *, max_batch: int = 1024, dyna
     flat_specs = [shape_spec(i) for i in range(len(flat))]
     if kwargs:
         dynamic_shapes: Any = {k: spec for k, spec in zip(kwargs, flat_specs)}
-    elif _takes_varargs(model):
+    elif S.takes_varargs(model):
         dynamic_shapes = (tuple(flat_specs),)   # forward(*args): the specs of the packed arguments, as one entry
     else:
         dynamic_shapes = tuple(flat_specs)
@@ -119,16 +119,6 @@ def varying_dims(samples: list) -> dict[int, dict[int, tuple[int, int]]]:
             if min(sizes) != max(sizes):
                 spec.setdefault(index, {})[dim + 1] = (max(2, min(sizes)), max(2, max(sizes)))
     return spec
-
-
-def _takes_varargs(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def _rebuild(template: Any, flat: list[torch.Tensor]) -> Any:

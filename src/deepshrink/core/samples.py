@@ -12,6 +12,7 @@ shape, so nothing is padded or truncated silently.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
@@ -97,12 +98,18 @@ def forward_parameters(model: nn.Module | None) -> list[str]:
     wrapper that forwards its inputs (``wrapped_model``) answers for the model it wraps."""
     while getattr(model, "wrapped_model", None) is not None:
         model = model.wrapped_model
+    return list(_signature_of(type(model))[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_of(cls: type) -> tuple[tuple[str, ...], bool]:
+    """``(positional parameter names, takes *args)`` of ``cls.forward`` (``self`` left out)."""
     try:
-        signature = inspect.signature(model.forward)
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
     except (TypeError, ValueError, AttributeError):
-        return []
+        return (), False
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in signature.parameters.values() if p.kind in kinds]
+    return tuple(p.name for p in params if p.kind in kinds), any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
 
 
 def as_call(inputs: Inputs, model: nn.Module | None = None) -> tuple[tuple, dict]:
@@ -122,14 +129,15 @@ def as_call(inputs: Inputs, model: nn.Module | None = None) -> tuple[tuple, dict
     return (), dict(inputs)
 
 
+def takes_varargs(model) -> bool:
+    """Whether ``model.forward`` itself takes ``*args`` (a wrapper that forwards its inputs)."""
+    return _signature_of(type(model))[1]
+
+
 def _only_varargs(model) -> bool:
     while getattr(model, "wrapped_model", None) is not None:
         model = model.wrapped_model
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError, AttributeError):
-        return False
-    return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+    return _signature_of(type(model))[1]
 
 
 def call(model: Callable, inputs: Inputs):

@@ -192,15 +192,22 @@ def _fixed_shape(inputs: list) -> bool:
     return all(S.shapes(x) == first for x in inputs)
 
 
+def _call_user(fn: Callable, what: str):
+    """What the user's zero-argument function returns; its failure (even ``SystemExit``) as one ``DataError``."""
+    try:
+        return fn()
+    except BaseException as err:  # the user's function may raise anything
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise DataError(f"data.{what}: calling {getattr(fn, '__name__', fn)!r} failed: {type(err).__name__}: {err}") from None
+
+
 def _resolve(source, what: str) -> list | None:
     """A list of samples, or what a zero-argument callable returns."""
     if source is None:
         return None
     if callable(source) and not isinstance(source, (list, tuple, Dataset)):
-        try:
-            source = source()
-        except Exception as err:   # the user's function may raise anything
-            raise DataError(f"data.{what}: calling {getattr(source, '__name__', source)!r} failed: {type(err).__name__}: {err}") from None
+        source = _call_user(source, what)
     if isinstance(source, Dataset) and not isinstance(source, (list, tuple)):
         source = [source[i] for i in range(len(source))]
     if not isinstance(source, (list, tuple)):
@@ -281,14 +288,7 @@ def from_spec_functions(*, calib: Callable, eval: Callable, train: Callable | No
     for what, fn in (("calib", calib), ("eval", eval), ("train", train)):
         if fn is None:
             continue
-        out = None if callable(fn) else _resolve(fn, what)
-        if out is None:
-            try:
-                out = fn()
-            except BaseException as err:  # the user's function may raise anything, even SystemExit
-                if isinstance(err, KeyboardInterrupt):
-                    raise
-                raise DataError(f"data.{what}: calling {getattr(fn, '__name__', fn)!r} failed: {type(err).__name__}: {err}") from None
+        out = _call_user(fn, what)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], (list, tuple)) and not isinstance(out[0], torch.Tensor) \
                 and len(out[0]) == len(out[1]) and all(isinstance(y, (int, torch.Tensor)) for y in out[1]):
             out, labels[what] = list(out[0]), [int(y) for y in out[1]]

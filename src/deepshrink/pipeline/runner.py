@@ -77,7 +77,7 @@ def run_recipe(
         import dataclasses
 
         # one description of what varies, read by every capture: quantization and export alike
-        data = dataclasses.replace(data, dynamic={k: {int(d): tuple(r) for d, r in dims.items()} for k, dims in dynamic.items()})
+        data = dataclasses.replace(data, dynamic=dynamic)
     ctx = RunContext(recipe, data, get_target(recipe.target), out, sys.stderr.isatty() if progress is None else progress, log)
     state_dir = out / "state"
     from deepshrink.core.userfile import is_spec

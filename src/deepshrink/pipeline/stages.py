@@ -189,7 +189,7 @@ def _with_int8_layout(config, ctx):
             return config, None
         return dataclasses.replace(config, **{k: dataclasses.replace(c, int8_layout=c.int8_layout or layout)
                                               for k, c in inner.items()}), reason
-    if getattr(config, "int8_layout", "given") is not None:
+    if not hasattr(config, "int8_layout") or config.int8_layout is not None:   # low-bit schemes have no layout
         return config, None
     return dataclasses.replace(config, int8_layout=layout), reason
 
