@@ -41,7 +41,7 @@ def test_configs_survive_a_yaml_round_trip(config):
 
 
 def test_unknown_key_names_its_path_and_the_allowed_keys():
-    with pytest.raises(ConfigError, match=r"^Outer\.inner\.bitz: unknown key; allowed keys: bits$"):
+    with pytest.raises(ConfigError, match=r"^Outer\.inner\.bitz: unknown key; allowed keys: bits; did you mean 'bits'\?$"):
         from_dict(Outer, {"inner": {"bitz": 3}})
 
 

@@ -14,21 +14,27 @@
       - report: {}
 
 Every stage's keys are the fields of its config dataclass; ``prune`` picks the class by
-``method`` and ``quantize`` by ``scheme``. Any error names the key's path, e.g.
-``stages[1].prune.sparsity: 1.5 is outside [0, 1)``.
+``method`` and ``quantize`` by ``scheme``. Validation is complete before anything runs: every
+fault in the recipe is collected into one ``ConfigError``, each named by its key's path, e.g.
+``stages[1].prune.sparsity: 1.5 is outside [0, 1)``, names checked against the registries (with
+a suggestion for a near miss). The file itself is read strictly (``recipe_file``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepshrink.core.config import check, from_dict, to_dict
+from deepshrink.core.config import check, did_you_mean, from_dict, short_repr, to_dict
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
+from deepshrink.pipeline.recipe_checks import (
+    check_model, check_user_data, checkpoint_problems, order_problems, schedule_problems, seed_problems,
+)
 from deepshrink.pruning import (
     Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning, VariationalDropout,
 )
@@ -47,6 +53,9 @@ QUANT_SCHEMES: dict[str, type] = {
     "int8-static": Int8Static, "int8-dynamic": Int8Dynamic, "int8-qat": Int8QAT, "int8-budget": Int8WithinBudget,
     "weight-only": WeightOnly, "weight-qat": WeightQAT, "codebook": Codebook,
 }
+
+
+MAX_IMAGE_SIZE = 4096     # a side beyond this is a typo that would allocate gigabytes per batch
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,8 @@ class DataSpec:
         from deepshrink.core.userfile import is_spec
 
         check(self.calib_size >= 1, "calib_size", f"{self.calib_size} must be >= 1")
-        check(self.image_size >= 1, "image_size", f"{self.image_size} must be >= 1")
+        check(1 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+              f"{self.image_size} is outside 1..{MAX_IMAGE_SIZE} (pixels per side, e.g. 28)")
         given = [k for k in ("calib", "eval", "train", "collate") if getattr(self, k) is not None]
         for key in given:
             check(is_spec(getattr(self, key)), key, f"{getattr(self, key)!r} is not path/to/file.py:NAME")
@@ -80,7 +90,8 @@ class DataSpec:
             from deepshrink.data.sources import DATASETS
 
             check(self.name in DATASETS, "name", f"{self.name!r} is not a dataset; choose one of {', '.join(DATASETS)}, "
-                  "or give calib: and eval: as path/to/file.py:NAME functions returning your samples")
+                  "or give calib: and eval: as path/to/file.py:NAME functions returning your samples"
+                  + did_you_mean(self.name, DATASETS))
 
     @property
     def user_samples(self) -> bool:
@@ -112,6 +123,13 @@ class ExportStage:
     def __post_init__(self) -> None:
         check(self.formats is None or len(self.formats) > 0, "formats", "give at least one of 'pte', 'onnx', 'dsk'")
         check(self.parity_samples >= 1, "parity_samples", f"{self.parity_samples} must be >= 1")
+        # what needs the model (input names, ranks) is checked at export; the numbers are checked here
+        for name, dims in (self.dynamic or {}).items():
+            for dim, (lo, hi) in dims.items():
+                check(dim.isdigit() and int(dim) >= 1, f"dynamic.{name}.{dim}",
+                      "a dimension is a position >= 1 (0 is the batch, always dynamic), e.g. {input_ids: {1: [2, 128]}}")
+                check(2 <= lo <= hi, f"dynamic.{name}.{dim}",
+                      f"range [{lo}, {hi}] must satisfy 2 <= min <= max (torch.export specialises sizes 0 and 1)")
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,7 @@ class EvaluateStage:
 
     def __post_init__(self) -> None:
         check(self.threads >= 1, "threads", f"{self.threads} must be >= 1")
-        check(self.latency_runs >= 0, "latency_runs", "must be >= 0")
+        check(self.latency_runs >= 0, "latency_runs", f"{self.latency_runs} must be >= 0")
         check(self.warmup >= 0, "warmup", f"{self.warmup} must be >= 0")
         from deepshrink.core.userfile import is_spec
 
@@ -219,6 +237,13 @@ class Recipe:
     outputs: tuple[str, ...] | None = None   # the model's outputs to keep, by name or position ("logits", "0")
     stages: tuple[Stage, ...] = ()
 
+    def __post_init__(self) -> None:
+        # the name becomes the output directory (out/<name>): it must stay one plain path component
+        check(bool(self.name.strip()) and self.name not in (".", "..") and not re.search(r"[/\\\x00-\x1f]", self.name)
+              and len(self.name) <= 128, "name",
+              f"{short_repr(self.name)} is not a plain name (it names the output directory out/<name>); "
+              "use letters, digits, '-', '_' or '.', e.g. lenet5-int8")
+
     def as_dict(self) -> dict:
         return {
             "name": self.name, "model": self.model, "model_args": dict(self.model_args), "data": to_dict(self.data),
@@ -234,23 +259,47 @@ def _name_of(table: dict[str, type], config: object) -> str:
     return next(name for name, klass in table.items() if type(config) is klass)
 
 
+def _collect(problems: list[str], fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or None with its faults appended to ``problems``."""
+    try:
+        return fn(*args)
+    except ConfigError as err:
+        problems.extend(err.problems or (str(err),))
+        return None
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(*problems)
+
+
 def _pick(table: dict[str, type], key: str, body: dict, path: str) -> tuple[type, dict]:
     body = dict(body)
     choice = body.pop(key, None)
-    if choice not in table:
-        raise ConfigError(f"{path}.{key}: {choice!r} is not allowed; choose one of {', '.join(map(repr, table))}")
+    if choice is None:
+        raise ConfigError(f"{path}.{key}: required; choose one of {', '.join(map(repr, table))}")
+    if not isinstance(choice, str) or choice not in table:
+        raise ConfigError(f"{path}.{key}: {short_repr(choice)} is not allowed; choose one of {', '.join(map(repr, table))}"
+                          + did_you_mean(choice, table))
     return table[choice], body
+
+
+def _kind_of(item: Any) -> str | None:
+    if isinstance(item, dict) and len(item) == 1:
+        kind = next(iter(item))
+        return kind if isinstance(kind, str) and kind in STAGES else None
+    return None
 
 
 def parse_stage(item: Any, path: str) -> Stage:
     if not isinstance(item, dict) or len(item) != 1:
-        raise ConfigError(f"{path}: a stage is a mapping with one key, one of {', '.join(STAGES)}; got {item!r}")
+        raise ConfigError(f"{path}: a stage is a mapping with one key, one of {', '.join(STAGES)}; got {short_repr(item)}")
     kind, body = next(iter(item.items()))
-    if kind not in STAGES:
-        raise ConfigError(f"{path}.{kind}: unknown stage; allowed stages: {', '.join(STAGES)}")
+    if _kind_of(item) is None:
+        raise ConfigError(f"{path}.{kind}: unknown stage; allowed stages: {', '.join(STAGES)}" + did_you_mean(kind, STAGES))
     body = {} if body is None else body
     if not isinstance(body, dict):
-        raise ConfigError(f"{path}.{kind}: expected a mapping of options, got {body!r}")
+        raise ConfigError(f"{path}.{kind}: expected a mapping of options, got {short_repr(body)}")
     stage_path = f"{path}.{kind}"
     if kind == "prune":
         return Stage(kind, parse_prune(body, stage_path))
@@ -262,118 +311,89 @@ def parse_stage(item: Any, path: str) -> Stage:
 
 
 def parse_prune(body: dict, path: str) -> PruneStage:
-    body = dict(body)
+    """Every fault of a prune stage at once: method, criterion options, schedule, retrain, sensitivity."""
+    body, problems = dict(body), []
     schedule_raw, retrain_raw = body.pop("schedule", None), body.pop("retrain", None)
     sensitivity_raw = body.pop("sensitivity", None)
     remove_dead = body.pop("remove_dead", False)
     if not isinstance(remove_dead, bool):
-        raise ConfigError(f"{path}.remove_dead: expected true or false, got {remove_dead!r}")
-    klass, body = _pick(PRUNE_METHODS, "method", body, path)
-    pruning = from_dict(klass, body, path)
+        problems.append(f"{path}.remove_dead: expected true or false, got {short_repr(remove_dead)}")
+    picked = _collect(problems, _pick, PRUNE_METHODS, "method", body, path)
+    pruning = None if picked is None else _collect(problems, from_dict, picked[0], picked[1], path)
     schedule = None
     if schedule_raw is not None:
         if not isinstance(schedule_raw, dict) or len(schedule_raw) != 1:
-            raise ConfigError(f"{path}.schedule: a mapping with one key, one of {', '.join(SCHEDULES)}; got {schedule_raw!r}")
-        name, options = next(iter(schedule_raw.items()))
-        if name not in SCHEDULES:
-            raise ConfigError(f"{path}.schedule.{name}: unknown schedule; choose one of {', '.join(SCHEDULES)}")
-        schedule = from_dict(SCHEDULES[name], options or {}, f"{path}.schedule.{name}")
-    retrain = None if retrain_raw is None else from_dict(TrainConfig, retrain_raw, f"{path}.retrain")
-    if isinstance(pruning, ChannelPruning) and (schedule is not None or sensitivity_raw is not None or remove_dead):
-        raise ConfigError(f"{path}: method 'channels' prunes in its own `steps` (with `retrain` between) and "
-                          "leaves no dead channel; remove schedule/sensitivity/remove_dead")
-    if schedule is not None and retrain is None:
-        raise ConfigError(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
-    sensitivity = None if sensitivity_raw is None else from_dict(SensitivityOptions, sensitivity_raw, f"{path}.sensitivity")
-    if sensitivity is not None and pruning.sparsity is None:
-        raise ConfigError(f"{path}.sensitivity: needs a sparsity to share among layers; without one the criterion "
-                          "learns each layer's sparsity itself: remove sensitivity, or set a sparsity")
-    if sensitivity is not None and pruning.overrides:
-        raise ConfigError(f"{path}.sensitivity: proposes per-layer sparsities itself; remove overrides or sensitivity")
+            problems.append(f"{path}.schedule: a mapping with one key, one of {', '.join(SCHEDULES)}; got {short_repr(schedule_raw)}")
+        else:
+            name, options = next(iter(schedule_raw.items()))
+            if not isinstance(name, str) or name not in SCHEDULES:
+                problems.append(f"{path}.schedule.{name}: unknown schedule; choose one of {', '.join(SCHEDULES)}"
+                                + did_you_mean(name, SCHEDULES))
+            else:
+                schedule = _collect(problems, from_dict, SCHEDULES[name], options or {}, f"{path}.schedule.{name}")
+    retrain = None if retrain_raw is None else _collect(problems, from_dict, TrainConfig, retrain_raw, f"{path}.retrain")
+    sensitivity = None if sensitivity_raw is None else _collect(
+        problems, from_dict, SensitivityOptions, sensitivity_raw, f"{path}.sensitivity")
+    if picked is not None and picked[0] is ChannelPruning and (schedule_raw is not None or sensitivity_raw is not None or remove_dead):
+        problems.append(f"{path}: method 'channels' prunes in its own `steps` (with `retrain` between) and "
+                        "leaves no dead channel; remove schedule/sensitivity/remove_dead")
+    elif schedule_raw is not None and retrain_raw is None:
+        problems.append(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
+    elif pruning is not None and schedule is not None and retrain is not None:
+        problems += schedule_problems(pruning, schedule, retrain, path)
+    if sensitivity is not None and pruning is not None and pruning.sparsity is None:
+        problems.append(f"{path}.sensitivity: needs a sparsity to share among layers; without one the criterion "
+                        "learns each layer's sparsity itself: remove sensitivity, or set a sparsity")
+    if sensitivity is not None and pruning is not None and pruning.overrides:
+        problems.append(f"{path}.sensitivity: proposes per-layer sparsities itself; remove overrides or sensitivity")
+    _raise_if(problems)
     return PruneStage(pruning, schedule, retrain, sensitivity, remove_dead)
 
 
 def parse_recipe(raw: Any) -> Recipe:
-    """Validate plain data (as loaded from YAML) into a ``Recipe``."""
+    """Validate plain data (as loaded from YAML) into a ``Recipe``; every fault is reported at once."""
+    if raw is None:
+        raise ConfigError("recipe: the file is empty; a recipe is a mapping with keys name, model, data, target, stages")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe: expected a mapping with keys name, model, data, target, stages; got {type(raw).__name__}")
-    raw = dict(raw)
+    raw, problems = dict(raw), []
     stages_raw = raw.pop("stages", None)
+    recipe = _collect(problems, from_dict, Recipe, raw, "recipe")
+    # names are checked on the raw values, so a fault elsewhere in the top level hides none of them
+    target, model = raw.get("target", Recipe.target), raw.get("model", Recipe.model)
+    if isinstance(target, str) and target not in TARGETS:
+        problems.append(f"target: {short_repr(target)} is not allowed; choose one of {', '.join(map(repr, TARGETS))}"
+                        + did_you_mean(target, TARGETS))
+    if isinstance(model, str):
+        _collect(problems, check_model, model)
     if not isinstance(stages_raw, list) or not stages_raw:
-        raise ConfigError("stages: required, a non-empty list of stages such as '- train: {epochs: 5}'")
-    recipe = from_dict(Recipe, raw, "recipe")
-    if recipe.target not in TARGETS:
-        raise ConfigError(f"target: {recipe.target!r} is not allowed; choose one of {', '.join(map(repr, TARGETS))}")
-    stages = tuple(parse_stage(item, f"stages[{i}]") for i, item in enumerate(stages_raw))
-    _check_order(stages)
-    _check_model(recipe.model)
-    if recipe.data.user_samples:
-        _check_user_data(recipe.data)
+        got = "" if stages_raw is None or stages_raw == [] else f"; got {short_repr(stages_raw)}"
+        problems.append(f"stages: required, a non-empty list of stages such as '- train: {{epochs: 5}}'{got}")
+        stages_raw = []
+    stages = [_collect(problems, parse_stage, item, f"stages[{i}]") for i, item in enumerate(stages_raw)]
+    problems += order_problems([_kind_of(item) for item in stages_raw])
+    problems += [p for i, stage in enumerate(stages) if stage is not None and stage.kind == "load"
+                 for p in checkpoint_problems(f"stages[{i}].load", stage.config.checkpoint)]
+    if recipe is not None:
+        problems += seed_problems(recipe, stages)
+        if recipe.data.user_samples and not problems:   # imports the user's files: only for an otherwise sound recipe
+            _collect(problems, check_user_data, recipe.data)
+    _raise_if(problems)
     return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed", "outputs")},
-                     "stages": stages})
-
-
-def _check_model(spec: str) -> None:
-    from deepshrink.core.userfile import is_spec
-    from deepshrink.models.zoo import ZOO
-
-    if spec in ZOO or spec.endswith((".safetensors", ".pt2", ".dsk")):
-        return
-    if is_spec(spec):
-        if not Path(spec.rpartition(":")[0]).is_file():
-            raise ConfigError(f"model: file {spec.rpartition(':')[0]} does not exist (from {spec!r})")
-        return
-    raise ConfigError(f"model: {spec!r} is not a zoo model ({', '.join(ZOO)}), a path/to/file.py:NAME, "
-                      "or a .safetensors/.dsk/.pt2 checkpoint")
-
-
-def _check_user_data(spec: "DataSpec") -> None:
-    """Resolve every ``file.py:NAME`` of the data (importing the user's file, as running would)."""
-    from deepshrink.core.errors import DataError
-    from deepshrink.core.userfile import load_object
-
-    for key in ("calib", "eval", "train", "collate"):
-        value = getattr(spec, key)
-        if value is None:
-            continue
-        try:
-            fn = load_object(value, what=f"data.{key}", error=DataError)
-        except DataError as err:
-            raise ConfigError(str(err)) from None
-        if not callable(fn):
-            raise ConfigError(f"data.{key}: {value!r} is a {type(fn).__name__}, not a function returning samples")
-
-
-def _check_order(stages: tuple[Stage, ...]) -> None:
-    kinds = [s.kind for s in stages]
-    for i, kind in enumerate(kinds):
-        before = kinds[:i]
-        if kind in ("prune", "finetune") and "quantize" in before:
-            raise ConfigError(f"stages[{i}].{kind}: must come before quantize (a quantized graph is not trained or pruned here)")
-        if kind == "quantize" and before.count("quantize"):
-            raise ConfigError(f"stages[{i}].quantize: the model is already quantized by stages[{before.index('quantize')}]")
-        if kind == "report" and "evaluate" not in before:
-            raise ConfigError(f"stages[{i}].report: needs an evaluate stage before it")
-        if kind == "load" and i != 0:
-            raise ConfigError(f"stages[{i}].load: load must be the first stage")
+                     "stages": tuple(stages)})
 
 
 def load_recipe(source: str | os.PathLike | dict) -> Recipe:
-    """Read and validate a recipe from a YAML file (or plain data)."""
+    """Read (strictly: ``recipe_file``) and validate a recipe from a YAML file, or from plain data."""
     if isinstance(source, dict):
         return parse_recipe(source)
+    from deepshrink.pipeline.recipe_file import load_yaml
+
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"recipe: file {path} does not exist")
-    import yaml
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"recipe: {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_recipe(raw)
+        what = "is a directory, not a recipe file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"recipe: file {path} {what}")
+    return parse_recipe(load_yaml(path))
 
 
 def packaged_recipe(name: str) -> Path:

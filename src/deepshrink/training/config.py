@@ -36,5 +36,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 0, "epochs", f"{self.epochs} must be >= 0")
         check(self.lr > 0, "lr", f"{self.lr} must be > 0")
+        check(0.0 <= self.momentum < 1.0, "momentum", f"{self.momentum} is outside [0, 1); SGD's usual is 0.9")
+        check(self.weight_decay >= 0, "weight_decay", f"{self.weight_decay} must be >= 0, e.g. 0.0001 (0 = off)")
         check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
-        check(self.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
+        check(self.early_stopping_patience >= 0, "early_stopping_patience", f"{self.early_stopping_patience} must be >= 0")

@@ -1,0 +1,137 @@
+"""Checks of a recipe beyond one config's own fields: names against the registries, stage order,
+schedules against their retraining, seeds, and the user's own files. Each returns (or raises)
+problems named by key path, for ``recipe.parse_recipe`` to report all at once."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepshrink.core.config import did_you_mean, short_repr
+from deepshrink.core.errors import ConfigError
+from deepshrink.pruning import Gradual, Iterative, OneShot
+
+if TYPE_CHECKING:
+    from deepshrink.pipeline.recipe import DataSpec, Recipe, Stage
+    from deepshrink.training import TrainConfig
+
+CHECKPOINTS = (".safetensors", ".dsk", ".pt2")
+SEED_RANGE = (0, 2**63)   # torch.manual_seed takes any int64; negatives are never meant
+
+
+def schedule_problems(pruning: Any, schedule: Any, retrain: TrainConfig, path: str) -> list[str]:
+    """What ``prune_with_schedule`` would refuse before its first epoch, found without a model."""
+    from deepshrink.ops.masks import NM
+
+    if pruning.sparsity is None:
+        return [f"{path}.schedule: {type(pruning).__name__} without a sparsity learns its own during its training; "
+                "a schedule needs a sparsity to ramp to: set sparsity, or drop the schedule"]
+    if not isinstance(schedule, OneShot) and isinstance(pruning.parsed_pattern, NM):
+        return [f"{path}.schedule: pattern {pruning.pattern} fixes every layer's sparsity at {pruning.sparsity:g}, "
+                "so it cannot be reached step by step; use one-shot or an element/block pattern"]
+    # prune_points' own checks and last epoch, computed without listing every step (steps: 10**12 is one int)
+    final = pruning.sparsity
+    if isinstance(schedule, Iterative):
+        if schedule.sparsities and schedule.sparsities[-1] >= final:
+            return [f"{path}.schedule.iterative.sparsities: {list(schedule.sparsities)} must stay below the target "
+                    f"sparsity {final} (the last step always prunes to it); drop the stops at or above it"]
+        last_epoch = len(schedule.sparsities) * schedule.epochs_per_step
+    elif isinstance(schedule, Gradual):
+        if schedule.initial >= final:
+            return [f"{path}.schedule.gradual.initial: {schedule.initial} must be below the target sparsity {final}"]
+        last_epoch = schedule.start + schedule.steps * schedule.interval
+    else:
+        last_epoch = 0
+    if last_epoch > retrain.epochs:
+        return [f"{path}.retrain.epochs: {retrain.epochs} ends before the schedule's last prune at epoch {last_epoch}; "
+                f"set epochs >= {last_epoch} (and more to fine-tune after it)"]
+    return []
+
+
+def seed_problems(recipe: Recipe, stages: list[Stage | None]) -> list[str]:
+    """Every ``seed`` of the recipe within ``SEED_RANGE`` (torch refuses what does not fit in 64 bits)."""
+    found: list[tuple[str, Any]] = [("recipe.seed", recipe.seed), ("recipe.data.seed", recipe.data.seed)]
+
+    def walk(config: Any, path: str) -> None:
+        if not dataclasses.is_dataclass(config):
+            return
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.name == "seed" and isinstance(value, int):
+                found.append((f"{path}.seed", value))
+            elif f.name == "pruning":
+                walk(value, path)     # a prune stage's criterion options sit at the stage's own level
+            else:
+                walk(value, f"{path}.{f.name}")
+
+    for i, stage in enumerate(stages):
+        if stage is not None:
+            walk(stage.config, f"stages[{i}].{stage.kind}")
+    lo, hi = SEED_RANGE
+    return [f"{path}: {value} is outside [0, 2^63); use a small non-negative integer, e.g. 0"
+            for path, value in found if not lo <= value < hi]
+
+
+def check_model(spec: str) -> None:
+    from deepshrink.core.userfile import is_spec
+    from deepshrink.models.zoo import ZOO
+
+    if spec in ZOO:
+        return
+    if spec.endswith(CHECKPOINTS):
+        if not Path(spec).is_file():
+            raise ConfigError(f"model: checkpoint {spec} does not exist{_where()}")
+        return
+    if is_spec(spec):
+        if not Path(spec.rpartition(":")[0]).is_file():
+            raise ConfigError(f"model: file {spec.rpartition(':')[0]} does not exist (from {spec!r})")
+        return
+    raise ConfigError(f"model: {short_repr(spec)} is not a zoo model ({', '.join(ZOO)}), a path/to/file.py:NAME, "
+                      "or a .safetensors/.dsk/.pt2 checkpoint" + did_you_mean(spec, ZOO))
+
+
+def checkpoint_problems(path: str, checkpoint: str) -> list[str]:
+    """A ``load`` stage's checkpoint: a file of a kind that loads without running code."""
+    if not checkpoint.endswith(CHECKPOINTS):
+        return [f"{path}.checkpoint: {short_repr(checkpoint)} is not a .safetensors, .dsk or .pt2 checkpoint "
+                "(pickled .pt/.pth files are not loaded: unpickling runs code)"]
+    if not Path(checkpoint).is_file():
+        return [f"{path}.checkpoint: {checkpoint} does not exist{_where()}"]
+    return []
+
+
+def _where() -> str:
+    return f" (relative paths are from the current directory, {Path.cwd()})"
+
+
+def check_user_data(spec: DataSpec) -> None:
+    """Resolve every ``file.py:NAME`` of the data (importing the user's file, as running would)."""
+    from deepshrink.core.errors import DataError
+    from deepshrink.core.userfile import load_object
+
+    for key in ("calib", "eval", "train", "collate"):
+        value = getattr(spec, key)
+        if value is None:
+            continue
+        try:
+            fn = load_object(value, what=f"data.{key}", error=DataError)
+        except DataError as err:
+            raise ConfigError(str(err)) from None
+        if not callable(fn):
+            raise ConfigError(f"data.{key}: {value!r} is a {type(fn).__name__}, not a function returning samples")
+
+
+def order_problems(kinds: list[str | None]) -> list[str]:
+    """The order rules, on each stage's kind (None: a stage too malformed to have one)."""
+    problems = []
+    for i, kind in enumerate(kinds):
+        before = kinds[:i]
+        if kind in ("prune", "finetune") and "quantize" in before:
+            problems.append(f"stages[{i}].{kind}: must come before quantize (a quantized graph is not trained or pruned here)")
+        if kind == "quantize" and before.count("quantize"):
+            problems.append(f"stages[{i}].quantize: the model is already quantized by stages[{before.index('quantize')}]")
+        if kind == "report" and "evaluate" not in before:
+            problems.append(f"stages[{i}].report: needs an evaluate stage before it")
+        if kind == "load" and i != 0:
+            problems.append(f"stages[{i}].load: load must be the first stage")
+    return problems
