@@ -207,7 +207,8 @@ def test_channel_pruning_stage_shrinks_and_resumes(tmp_path, digits):
     # the shrunk widths were recorded: the saved state rebuilds the smaller skeleton
     from deepshrink.models import load
 
-    again = load(tmp_path / "state" / "model.safetensors")
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())
+    again = load(tmp_path / "state" / saved["generation"] / saved["model_file"])
     assert again.conv2.out_channels == result.state.model.conv2.out_channels
 
 

@@ -8,15 +8,19 @@ how quantized and structurally shrunk models are saved).
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 import os
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deepshrink.core.errors import ArtifactError, ModelLoadError
+from deepshrink.core.errors import ArtifactError, ExportError, ModelLoadError
 from deepshrink.core.io import atomic_path
 from deepshrink.formats.checkpoint import read_checkpoint, write_checkpoint
 from deepshrink.models.zoo import ZOO, create, get_arch, set_arch
@@ -24,6 +28,18 @@ from deepshrink.models.zoo import ZOO, create, get_arch, set_arch
 # .dsk layouts written by higher layers (metadata "format" -> module with load_compressed), imported
 # by name only when such a file is loaded, so this module depends on none of them
 DSK_LAYOUTS = {"deepshrink.lowbit": "deepshrink.quantization.lowbit.storage"}
+
+# operator namespaces a .pt2 program may call (torch.ops.<namespace>) -> the module whose import
+# registers them: torch.export.load resolves every node's operator and fails on one not registered yet
+OP_LIBRARIES = {"quantized_decomposed": "torchao.quantization.pt2e"}
+
+# the files torch.export.save writes under an archive's root folder: programs, raw tensor payloads and
+# their JSON configs, sample inputs. Anything else (compiled AOTInductor code, custom objects, legacy
+# pickled weights) is refused rather than handed to a loader that would unpickle or run it.
+_PROGRAM_FILES = re.compile(
+    r"models/\w+\.json|data/weights/(weight_\d+|\w+_weights_config\.json)|data/constants/(tensor_\d+|\w+_constants_config\.json)"
+    r"|data/sample_inputs/\w+\.pt|extra/[^/]+|archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id")
+_OPERATOR = re.compile(r'"target":\s*"torch\.ops\.(\w+)\.(\w+)')
 
 
 def load(spec: str | os.PathLike, *, code: str | None = None, **kwargs: Any) -> nn.Module:
@@ -74,9 +90,20 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, example_input:
             program = model
         else:
             from deepshrink.core import samples as S
+            from deepshrink.core.graph import capture
 
-            args, kwargs = S.as_call(example_input, model)
-            program = torch.export.export(model, args, kwargs or None)
+            # the batch stays free (and any dimension the model was quantized with varying): the
+            # program loaded back runs every batch size the module did, not only the example's
+            quant = getattr(model, "_deepshrink_quant", None) or {}
+            training = model.training
+            try:
+                program = capture(model, example_input, dynamic=quant.get("dynamic"))
+            except ExportError:   # a model whose batch cannot vary is saved at the example's shapes
+                args, kwargs = S.as_call(example_input, model)
+                program = torch.export.export(model, args, kwargs or None)
+            finally:
+                if model.training != training:   # capture traces in eval mode; the caller's module keeps its own
+                    model.train(training)
         with atomic_path(path) as tmp:
             torch.export.save(program, str(tmp))
         return path
@@ -155,10 +182,14 @@ def load_checkpoint(path: str | os.PathLike, *, code: str | None = None) -> nn.M
     if not path.is_file():
         raise ModelLoadError(f"model: checkpoint {path} does not exist")
     if path.suffix == ".pt2":
-        try:
-            return torch.export.load(str(path)).module()
-        except Exception as err:  # torch raises many types for a bad archive
-            raise ModelLoadError(f"model: {path} is not a loadable torch.export program: {type(err).__name__}: {err}") from None
+        module = load_program(path).module()
+        # unlifting reads every stored tensor, also those the program never uses (the float originals
+        # PT2E conversion leaves registered): without those reads the graph is the one that was saved
+        for node in list(module.graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                module.graph.erase_node(node)
+        module.recompile()
+        return module
     if path.suffix not in (".safetensors", ".dsk"):
         raise ModelLoadError(f"model: {path.suffix} checkpoints are not loaded (pickle runs code); use .safetensors, .dsk or .pt2")
     try:
@@ -179,3 +210,87 @@ def load_checkpoint(path: str | os.PathLike, *, code: str | None = None) -> nn.M
     except RuntimeError as err:
         raise ModelLoadError(f"model: weights in {path} do not fit {arch}: {str(err).splitlines()[0]}") from None
     return model
+
+
+def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program in a ``.pt2`` file, loaded without unpickling anything.
+
+    ``torch.export.load`` unpickles with ``weights_only=False`` what it finds pickled — tensor-subclass
+    weights, custom objects, the legacy layout, sample inputs the restricted unpickler refuses — so
+    such an archive is refused before torch reads it, and its loader never reaches those paths. The
+    bytes checked are the bytes loaded. The operators the program calls are registered first (a
+    quantized program calls torchao's ``quantized_decomposed`` ops)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ModelLoadError(f"model: cannot read {path}: {err.strerror or err}") from None
+    files = _checked_program_files(data, path)
+    _register_operators(files, path)
+    try:
+        return torch.export.load(io.BytesIO(data))
+    except Exception as err:  # torch raises many types for a bad archive
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(f"model: {path} is not a loadable torch.export program: {type(err).__name__}: {first}") from None
+
+
+def _checked_program_files(data: bytes, path: Path) -> dict[str, bytes]:
+    """The archive's programs, payload configs and sample inputs by name under its root folder; a
+    ``ModelLoadError`` for an archive whose loading would unpickle or run code."""
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(f"model: {path} is not a loadable torch.export program: {why}. Only plain programs (tensors, "
+                              "no pickled objects) are loaded; save the model again with deepshrink.models.save_checkpoint")
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise refuse("it is not a .pt2 archive (not a zip file)") from None
+    with archive:
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        roots = {n.partition("/")[0] for n in names}
+        if len(roots) != 1 or any("/" not in n for n in names):
+            raise refuse("it is not laid out as torch.export.save writes (one root folder)")
+        root = roots.pop()
+        inner = {n[len(root) + 1:]: n for n in names}
+        unknown = sorted(n for n in inner if not _PROGRAM_FILES.fullmatch(n))
+        if unknown:
+            raise refuse(f"it holds {unknown[0]}, which is not part of a plain torch.export program")
+        files = {n: archive.read(full) for n, full in inner.items() if n.endswith((".json", ".pt"))}
+    for name, blob in files.items():
+        if not name.endswith("_config.json"):
+            continue
+        try:
+            entries = json.loads(blob)["config"]
+        except (ValueError, KeyError, TypeError):
+            entries = None
+        if not isinstance(entries, dict):
+            raise refuse(f"{name} is not a payload config")
+        prefix = "weight_" if "/weights/" in name else "tensor_"
+        for fqn, meta in entries.items():
+            if not isinstance(meta, dict) or meta.get("use_pickle") is not False or not str(meta.get("path_name")).startswith(prefix):
+                raise refuse(f"{fqn!r} is stored pickled (a tensor subclass or custom object), not as raw tensor bytes")
+    for name, blob in files.items():
+        if name.endswith(".pt") and blob:
+            try:  # torch tries this same restricted load first; only on its failure would it unpickle
+                torch.load(io.BytesIO(blob), weights_only=True)
+            except Exception as err:  # the restricted unpickler raises many types
+                raise refuse(f"its sample inputs {name} hold objects beyond plain tensors ({type(err).__name__})") from None
+    return files
+
+
+def _register_operators(files: dict[str, bytes], path: Path) -> None:
+    """Import the libraries that define the operators the archive's programs call; a
+    ``ModelLoadError`` naming an operator nothing installed defines."""
+    for name, blob in files.items():
+        if not name.startswith("models/"):
+            continue
+        for namespace, op in sorted(set(_OPERATOR.findall(blob.decode("utf-8", "replace")))):
+            if namespace in OP_LIBRARIES:
+                try:
+                    importlib.import_module(OP_LIBRARIES[namespace])
+                except ImportError as err:
+                    raise ModelLoadError(f"model: {path} calls torch.ops.{namespace}.{op}, defined by "
+                                         f"{OP_LIBRARIES[namespace].split('.')[0]}, which does not import: {err}") from None
+            if not hasattr(getattr(torch.ops, namespace), op):
+                raise ModelLoadError(f"model: {path} calls torch.ops.{namespace}.{op}, which no loaded library defines; "
+                                     "import the package that registers it before loading")

@@ -19,7 +19,7 @@ from deepshrink.core.targets import TargetProfile, get_target
 from deepshrink.data import DataSplits
 from deepshrink.data import load as load_data
 from deepshrink.pipeline.recipe import Recipe, Stage
-from deepshrink.pipeline.state import RunState, load_state, save_state
+from deepshrink.pipeline.state import RunState, load_state, remove_leftovers, save_state
 
 
 @dataclass
@@ -66,6 +66,7 @@ def run_recipe(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)   # what a killed run left half-written
     torch.manual_seed(recipe.seed)
     spec = recipe.data
     if data is None and spec.user_samples:
