@@ -4,16 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean examples
+.PHONY: demo test lint-imports install bench clean examples
 
 install: $(STAMP)
 
 # torch first, pinned, so no resolver can reach for a newer (CUDA) build; then everything else
-# under the lock file's exact versions.
+# under the lock file's exact versions: the runtimes the tests measure in, the report's plots and
+# the test tools. Not [hf]: transformers is for the examples only (`make examples`).
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[executorch,onnx,report,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the layer contracts in pyproject.toml ([tool.importlinter])
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 
 # optional: the real pretrained models of examples/ (no dependency resolution, see the file)
 examples: $(STAMP)

@@ -94,3 +94,41 @@ def test_a_failure_inside_the_users_model_is_one_line_and_exit_1(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("deepshrink: failed: ValueError: only runs in training (set DEEPSHRINK_TRACEBACK=1")
     assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_deepshrinks_warnings_are_shown_and_third_party_ones_only_with_verbose(capsys):
+    import sysconfig
+    import warnings
+
+    from deepshrink.cli import _console
+    from deepshrink.pruning.structured import UnprunableLayerWarning
+
+    library = str(Path(sysconfig.get_path("purelib")) / "somelib" / "internals.py")
+    for verbose in (False, True):
+        with warnings.catch_warnings(record=True) as passed_on:   # what Python itself would print
+            with _console(quiet=True, verbose=verbose):
+                warnings.warn("'act' (PReLU) unpruned", UnprunableLayerWarning)
+                warnings.warn_explicit("somelib.old_api is deprecated", DeprecationWarning, library, 7)
+                warnings.warn_explicit("your model warns", UserWarning, "/home/me/model.py", 3)
+        assert capsys.readouterr().err == "deepshrink: warning: 'act' (PReLU) unpruned\n"   # ours, even with -q
+        shown = [str(w.message) for w in passed_on]
+        assert shown == (["somelib.old_api is deprecated"] if verbose else []) + ["your model warns"]
+
+
+@pytest.mark.parametrize("module, extra", [("onnxruntime", "onnx"), ("executorch", "executorch")])
+def test_a_missing_runtime_names_its_extra(tmp_path, capsys, monkeypatch, module, extra):
+    suffix = ".onnx" if extra == "onnx" else ".pte"
+    (tmp_path / f"m{suffix}").write_bytes(b"never read")
+    monkeypatch.setitem(sys.modules, module, None)   # as if not installed
+    assert main(["evaluate", str(tmp_path / f"m{suffix}"), "--data", "digits"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"deepshrink: error: {module} is not installed; it comes with the [{extra}] extra: pip install 'deepshrink[{extra}]'")
+
+
+def test_the_report_plots_name_their_extra(monkeypatch):
+    from deepshrink.core.extras import MissingExtraError
+    from deepshrink.report.plots import accuracy_vs_size
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'deepshrink\[report\]'"):
+        accuracy_vs_size({"m.pte": {"accuracy": 0.9, "file_bytes": 2048}})

@@ -1,6 +1,9 @@
 """``deepshrink`` command line: run, demo, evaluate, validate.
 
 Any input error prints one line ``deepshrink: error: ...`` on stderr and exits with code 2.
+Results go to stdout; progress and warnings to stderr through the ``deepshrink`` logger, whose
+handler lives for one command: ``-q`` keeps warnings and errors only, ``-v`` adds debug lines and
+the third-party warnings and log lines (deprecations of torch internals) hidden by default.
 """
 from __future__ import annotations
 
@@ -9,25 +12,114 @@ import json
 import logging
 import os
 import sys
+import sysconfig
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from deepshrink import __version__
 from deepshrink.core.errors import DeepshrinkError
+from deepshrink.core.log import LOGGER, scoped_levels
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1   # a run that failed inside a stage (input errors are EXIT_USAGE)
 
 
-def _quiet_libraries() -> None:
-    # the runtimes log deprecations and missing optional kernels on import; they are not ours to fix
-    warnings.filterwarnings("ignore")
-    for name in ("torchao", "torch", "executorch", "onnxscript", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TORCHINDUCTOR_DISABLE", "1")
+log = logging.getLogger(__name__)
+
+# the runtimes log deprecations and missing optional kernels on import; they are not ours to fix
+THIRD_PARTY_LOGGERS = ("torchao", "torch", "executorch", "onnxscript", "torch.onnx")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad flag or value) as the same one line as every other input error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"deepshrink: error: {message} (see '{self.prog} --help')\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, default) -> None:
+    # on the main parser (defaults False) and again on each command (SUPPRESS: given or absent),
+    # so `deepshrink -q run r.yaml` and `deepshrink run r.yaml -q` both work
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings and errors")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also debug lines, and the third-party warnings and log lines hidden by default")
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"deepshrink: {record.levelname.lower()}: {message}"
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        return message
+
+
+_LIBRARY_DIRS = tuple(sorted({os.path.join(sysconfig.get_path(key), "") for key in ("stdlib", "platstdlib", "purelib", "platlib")}))
+
+
+def _in_libraries(filename: str) -> bool:
+    """A warning raised in the standard library or an installed package (``<frozen ...>``: an import)."""
+    return filename.startswith("<") or os.path.abspath(filename).startswith(_LIBRARY_DIRS)
+
+
+@contextmanager
+def _console(*, quiet: bool, verbose: bool) -> Iterator[None]:
+    """For one command: deepshrink's log records and warnings on stderr, third-party noise only
+    with ``-v``. Everything is restored afterwards, so ``main()`` run in-process leaves no trace."""
+    if not verbose:
+        import torch  # noqa: F401  (its import sets the levels of torch's loggers: mute them after it)
+    muted = {} if verbose else {name: logging.ERROR for name in THIRD_PARTY_LOGGERS}
+    logger = logging.getLogger(LOGGER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    previous = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.addHandler(handler)
+    # ExecuTorch's quantizer calls logging.basicConfig on import: through the root's handler
+    # every line would print twice
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(), scoped_levels(muted):
+            if not sys.warnoptions:  # an explicit -W / PYTHONWARNINGS wins
+                warnings.simplefilter("default")
+            python_show = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if category.__module__.partition(".")[0] == "deepshrink":
+                    # ours name a layer or a setting the user may want to change: always shown
+                    log.warning("%s", message)
+                elif verbose or not _in_libraries(filename):   # the user's own code: theirs to see
+                    python_show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepshrink", description="Prune, quantize, export and measure models for mobile CPUs.")
+    parser = _Parser(prog="deepshrink", description="Prune, quantize, export and measure models for mobile CPUs.")
+    parser.add_argument("--version", action="version", version=f"deepshrink {__version__}")
+    _add_verbosity(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a YAML recipe")
@@ -44,20 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("model")
     ev.add_argument("--data", required=True, help="digits, mnist or fashion-mnist")
     ev.add_argument("--data-dir", default=None)
-    ev.add_argument("--image-size", type=int, default=28)
-    ev.add_argument("--threads", type=int, default=1)
-    ev.add_argument("--runs", type=int, default=200, help="timed batch-1 calls (after warm-up)")
-    ev.add_argument("--warmup", type=int, default=20)
+    ev.add_argument("--image-size", type=_at_least(1), default=28)
+    ev.add_argument("--threads", type=_at_least(1), default=1)
+    ev.add_argument("--runs", type=_at_least(1), default=200, help="timed batch-1 calls (after warm-up)")
+    ev.add_argument("--warmup", type=_at_least(0), default=20)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--model-code", default=None, metavar="FILE.py:NAME",
                     help="your code that rebuilds a checkpoint of your own model (it runs; a checkpoint never names code itself)")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
+    for command in (run, demo, ev, val):
+        _add_verbosity(command, default=argparse.SUPPRESS)
     return parser
 
 
-def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None) -> int:
+def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None, *, quiet: bool = False) -> int:
     import dataclasses
 
     from deepshrink.pipeline import load_recipe, run_recipe
@@ -66,8 +160,8 @@ def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None) 
     if data_dir is not None:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, data_dir=data_dir))
     started = time.perf_counter()
-    result = run_recipe(recipe, out or os.path.join("out", recipe.name), resume=resume)
-    print(f"finished {recipe.name} in {time.perf_counter() - started:.1f} s wall")
+    result = run_recipe(recipe, out or os.path.join("out", recipe.name), resume=resume, progress=False if quiet else None)
+    log.info("finished %s in %.1f s wall", recipe.name, time.perf_counter() - started)
     for label, v in result.state.variants.items():
         size = f"{v['file_bytes'] / 1024:8.1f} KiB" if v.get("file_bytes") else " " * 12
         lat = f"{v['latency_ms_median']:.3f} ms" if v.get("latency_ms_median") is not None else ""
@@ -119,15 +213,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _quiet_libraries()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose cannot be combined")
+    os.environ.setdefault("TORCHINDUCTOR_DISABLE", "1")
+    with _console(quiet=args.quiet, verbose=args.verbose):
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
-            return _run(args.recipe, args.out, args.resume, args.data_dir)
+            return _run(args.recipe, args.out, args.resume, args.data_dir, quiet=args.quiet)
         if args.command == "demo":
             from deepshrink.pipeline.recipe import packaged_recipe
 
-            return _run(str(packaged_recipe("demo")), args.out, args.resume, None)
+            return _run(str(packaged_recipe("demo")), args.out, args.resume, None, quiet=args.quiet)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "validate":

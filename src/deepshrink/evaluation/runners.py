@@ -13,6 +13,7 @@ from torch import nn
 
 from deepshrink.core import samples as S
 from deepshrink.core.errors import ArtifactError
+from deepshrink.core.extras import require
 from deepshrink.core.outputs import output_tensors
 
 
@@ -21,8 +22,16 @@ class Runner:
     embeddings). ``inputs`` is a ``core.samples`` batch: a tensor, a tuple or a dict of tensors."""
 
     runtime = "?"
+    max_batch: int | None = None   # a file planned for a fixed or bounded batch is fed in chunks of it
 
     def predict_all(self, x) -> tuple[torch.Tensor, ...]:
+        n, step = S.batch_size(x), self.max_batch or S.batch_size(x)
+        if n <= step:
+            return self._execute(x)
+        chunks = [self._execute(S.take(x, start, start + step)) for start in range(0, n, step)]
+        return tuple(torch.cat(c) for c in zip(*chunks))
+
+    def _execute(self, x) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def predict(self, x) -> torch.Tensor:
@@ -40,7 +49,7 @@ class EagerRunner(Runner):
             pass
 
     @torch.no_grad()
-    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
+    def _execute(self, x) -> tuple[torch.Tensor, ...]:
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
@@ -53,6 +62,7 @@ class PteRunner(Runner):
     runtime = "executorch"
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        require("executorch")
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
@@ -67,17 +77,15 @@ class PteRunner(Runner):
         except Exception as err:  # the runtime raises RuntimeError/ValueError for bad programs
             raise ArtifactError(f"{path}: ExecuTorch could not load this program ({err})") from None
 
-    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
-        n = S.batch_size(x)
-        chunks = [self.method.execute([t.contiguous() for t in S.flatten(S.take(x, start, start + self.max_batch))])
-                  for start in range(0, n, self.max_batch)]
-        return tuple(c[0] if len(chunks) == 1 else torch.cat(c) for c in zip(*chunks))
+    def _execute(self, x) -> tuple[torch.Tensor, ...]:
+        return tuple(self.method.execute([t.contiguous() for t in S.flatten(x)]))
 
 
 class OnnxRunner(Runner):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        require("onnxruntime")
         import onnxruntime as ort
 
         self.path, self.threads = Path(path), threads
@@ -91,6 +99,8 @@ class OnnxRunner(Runner):
             raise ArtifactError(f"{path}: ONNX Runtime could not load this model ({err})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_types = [i.type for i in self.session.get_inputs()]
+        first = self.session.get_inputs()[0].shape
+        self.max_batch = first[0] if first and isinstance(first[0], int) else None   # exported with a static batch
 
     def feeds(self, x) -> dict:
         """ONNX inputs by name, each in its own dtype (int64 token ids stay int64)."""
@@ -112,7 +122,7 @@ class OnnxRunner(Runner):
             out[name] = array
         return out
 
-    def predict_all(self, x) -> tuple[torch.Tensor, ...]:
+    def _execute(self, x) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(o) for o in self.session.run(None, self.feeds(x)))
 
 

@@ -5,6 +5,7 @@ of the same recipe from its last finished stage.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -45,7 +46,7 @@ class RunResult:
 
 
 def _stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logging.getLogger(__name__).info(message)
 
 
 def run_recipe(

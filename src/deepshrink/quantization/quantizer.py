@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 from torch.fx import Node
 
+from deepshrink.core.extras import require
 from deepshrink.core.selection import matches
 
 CONV_TARGETS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
@@ -36,6 +37,7 @@ def quantization_config(*, per_channel: bool, dynamic: bool = False, qat: bool =
                         calibration: str = "histogram", percentile: float = 99.99, int8_layout: str = "s8s8"):
     """XNNPACK's symmetric int8 config with our activation observer for static PTQ, laid out as
     ``int8_layout`` (``core.targets.INT8_LAYOUTS``: activation dtype and weight range)."""
+    require("executorch")  # the XNNPACK quantizer ships with ExecuTorch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
     from deepshrink.quantization.observers import CalibrationObserver
@@ -103,6 +105,7 @@ def in_layers(node: Node, patterns: Iterable[str]) -> bool:
 
 def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
     """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float."""
+    require("executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
     class MobileXNNPACKQuantizer(XNNPACKQuantizer):

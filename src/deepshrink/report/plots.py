@@ -4,20 +4,21 @@ from __future__ import annotations
 import base64
 import io
 
+from deepshrink.core.extras import require
 
-def _figure():
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _figure(figsize: tuple[float, float]):
+    # a bare Figure renders with Agg on savefig: no pyplot, so no global backend switch and no
+    # figure registry to close (the user's own plots and backend stay as they were)
+    require("matplotlib")
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(figsize=figsize)
 
 
 def png_data_uri(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -32,8 +33,8 @@ def accuracy_vs_size(variants: dict[str, dict]) -> str | None:
               if v.get("file_bytes") and score(v) is not None]
     if not points:
         return None
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = _figure((6, 3.6))
+    ax = fig.subplots()
     markers = {".pte": "s", ".onnx": "^"}
     for label, size_kib, acc in points:
         marker = next((m for suffix, m in markers.items() if label.endswith(suffix)), "o")
@@ -51,8 +52,8 @@ def accuracy_vs_size(variants: dict[str, dict]) -> str | None:
 
 def sensitivity_curves(curves: dict, proposed: dict[str, float]) -> str:
     """Val accuracy against sparsity, one line per layer pruned alone; the proposal marked."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = _figure((6, 3.6))
+    ax = fig.subplots()
     for layer, points in curves["accuracy"].items():
         xs = [0.0] + [float(s) for s in points]
         ys = [100 * curves["baseline"]] + [100 * a for a in points.values()]

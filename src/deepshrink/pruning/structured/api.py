@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from deepshrink.core.counting import count_macs
 from deepshrink.core.errors import ConfigError, DeepshrinkError
 from deepshrink.core.masks import get_masks
 from deepshrink.core.selection import first_match, select, weighted_layers
 from deepshrink.core.targets import get_target
 from deepshrink.data.splits import DataSplits
-from deepshrink.evaluation.counting import count_macs
 from deepshrink.pruning.structured.arch import record_widths
 from deepshrink.pruning.structured.configs import ChannelPruning
 from deepshrink.pruning.structured.dependency import analyze_channels, describe_unsupported
