@@ -25,9 +25,9 @@ PNet crops have H and W drawn independently from 12..48; RNet 24x24; ONet 48x48.
 (seed 0) and evaluation (seed 1) are drawn from different seeds.
 
 Export: PNet's H, W need ``Dim.AUTO(min=12, max=1024)`` (a named ``Dim`` fails on the
-ceil-mode pooling guard); RNet / ONet export with a dynamic batch but the XNNPACK partitioner
-fails on their ``permute(0, 3, 2, 1).contiguous().view`` (ChannelsLastTaggedReshapePass);
-portable (no partitioner) lowering and ONNX work.
+ceil-mode pooling guard). RNet / ONet apply a PReLU to ``[batch, features]``, which ExecuTorch
+1.5.1's XNNPACK lowering rejects; ``deploy.xnnpack_fixes.prelu_to_4d`` views it as 4-D (exact).
+Their ceil-mode max pools run inside XNNPACK only with static shapes (``static_batch: true``).
 """
 from __future__ import annotations
 

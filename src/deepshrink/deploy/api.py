@@ -17,6 +17,7 @@ from deepshrink.core.graph import capture
 from deepshrink.core.targets import SATURATION_SAFE_LAYOUTS, XNNPACK_LAYOUTS, TargetProfile, get_target
 from deepshrink.deploy import parity as parity_check
 from deepshrink.deploy.lowering import to_onnx, to_pte
+from deepshrink.deploy.recurrent import unroll_lstms
 from deepshrink.evaluation.counting import count_macs, parameter_counts
 from deepshrink.evaluation.runners import open_runner
 from deepshrink.formats.sidecar import write_sidecar
@@ -82,9 +83,15 @@ def export(
     if path.suffix == ".dsk":
         extra["sparse_compute"] = _write_dsk(model, path, example_input)
     else:
-        program = capture(model, example_input, max_batch=profile.max_batch, dynamic=dynamic, static_batch=static_batch)
-        FORMATS[path.suffix](program, path)
-    batches = list(S.batches(parity_samples, 64)) if parity_samples else [example_input]
+        traced = unroll_lstms(model) if path.suffix == ".pte" else model   # ONNX has an LSTM op; ExecuTorch has not
+        program = capture(traced, example_input, max_batch=profile.max_batch, dynamic=dynamic, static_batch=static_batch)
+        lowered = FORMATS[path.suffix](program, path)
+        if lowered:
+            extra["delegation"] = lowered
+    if static_batch:   # the file takes one sample per call
+        batches = list(S.batches(parity_samples or S.unstack(example_input), 1))
+    else:
+        batches = list(S.batches(parity_samples, 64)) if parity_samples else [example_input]
     checks, saturation = _parity_checks(model, path, batches, layout)
     try:
         parity_check.gate(path, checks, fmt=path.suffix[1:], layout=layout, enforce=parity == "fail")

@@ -228,12 +228,18 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
             path = ctx.out_dir / f"{role}.{fmt}"
             result = export(module, path, example_input=example, target=ctx.target, macs=macs, parity=config.parity,
                             parity_samples=parity_samples, dynamic=dynamic, static_batch=config.static_batch)
+            sidecar = read_sidecar(path) or {}
             state.exports[f"{role} .{fmt}"] = {
                 "path": str(path), "role": role, "format": fmt, "file_bytes": result.file_bytes,
                 "parity_max_abs_diff": result.parity_max_abs_diff, "parity_argmax_agreement": result.parity_argmax_agreement,
                 "parity": [p.as_dict() for p in result.parity], "parity_passed": result.parity_passed,
-                "sparse_compute": (read_sidecar(path) or {}).get("sparse_compute"),
+                "sparse_compute": sidecar.get("sparse_compute"), "delegation": sidecar.get("delegation"),
             }
+            outside = (sidecar.get("delegation") or {}).get("outside_delegate")
+            if outside:
+                ctx.log(f"      {path.name}: ran outside XNNPACK (portable kernels, each splits the delegate): "
+                        + ", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
+                        + ("" if config.static_batch else "; a dynamic batch keeps some ops out: try static_batch: true"))
             flag = "" if result.parity_passed else " PARITY FAILED (kept: parity: warn)"
             lines.append(f"{path.name} {result.file_bytes / 1024:.0f} KiB{flag}")
             if not result.parity_passed:
