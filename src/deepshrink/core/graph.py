@@ -125,3 +125,24 @@ def _rebuild(template: Any, flat: list[torch.Tensor]) -> Any:
     """``template``'s structure with its tensors replaced, in order, by ``flat``."""
     it = iter(flat)
     return S.map_tensors(lambda _: next(it), template)
+
+
+def drop_unused_weights(gm: torch.fx.GraphModule) -> int:
+    """Remove, in place, the tensors a graph module holds but its graph never reads — the float
+    originals PT2E conversion leaves registered beside the int8 weights it folded. A capture of the
+    module lifts every registered tensor, so without this every exported file carries them too.
+    Returns the number of bytes removed."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    removed = 0
+    for name, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if any(name == t or t.startswith(name + ".") or name.startswith(t + ".") for t in read):
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        removed += tensor.numel() * tensor.element_size()
+        delattr(owner, attr)
+    gm.recompile()
+    return removed

@@ -69,6 +69,21 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     except Exception as err:
         raise ExportError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     with atomic_path(path) as tmp:
+        strip_debug_metadata(onnx_program.model)
         onnx_program.save(str(tmp))
+
+
+def strip_debug_metadata(model) -> None:
+    """Drop the exporter's per-node debug records (Python stack traces, module paths, FX names):
+    half of a small model's bytes, and they carry the paths of the machine that exported it."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for node in graph:
+            node.metadata_props.clear()
+            node.doc_string = None
+            for value in node.outputs:
+                value.metadata_props.clear()
+                value.doc_string = None
+    for value in (*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()):
+        value.metadata_props.clear()
 
 

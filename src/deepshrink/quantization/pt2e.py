@@ -13,6 +13,7 @@ from torch import nn
 
 from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.graph import drop_unused_weights
 from deepshrink.core.selection import select
 from deepshrink.core.targets import TargetProfile
 from deepshrink.data.splits import DataSplits
@@ -58,6 +59,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     seen = calibrate(prepared, data, config.calibration_samples)
     ranges = activation_ranges_of(prepared)
     converted = convert_pt2e(prepared)
+    drop_unused_weights(converted)   # the float originals of the folded int8 weights
     details = {
         "calibration": config.calibration, "calibration_samples_used": seen, "per_channel": per_channel,
         "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32), "int8_layout": layout,
@@ -91,6 +93,7 @@ def quantize_dynamic(model: nn.Module, config: Int8Dynamic, data: DataSplits, ta
     with torch.no_grad():
         prepared(data.example_input(2))
     converted = convert_pt2e(prepared)
+    drop_unused_weights(converted)   # the float originals of the folded int8 weights
     object.__setattr__(converted, "_deepshrink_quant", {"per_channel": per_channel, "fp32_layers": list(fp32), "int8_layout": layout})
     return converted
 

@@ -14,7 +14,7 @@ import types
 import torch
 from torch import nn
 
-from deepshrink.core.graph import capture
+from deepshrink.core.graph import capture, drop_unused_weights
 from deepshrink.core.targets import TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8QAT
@@ -68,6 +68,7 @@ def finalize_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     details = dict(getattr(prepared, "_deepshrink_quant", {}))
     details["activation_ranges"] = activation_ranges_of(prepared)
     converted = convert_pt2e(copy.deepcopy(prepared))
+    drop_unused_weights(converted)   # the float originals of the folded int8 weights
     object.__setattr__(converted, "_deepshrink_quant", details)
     return converted
 

@@ -1,0 +1,39 @@
+"""What the lowered files carry: weights and graph, no debug records, no leftover float copies."""
+import onnx
+import torch
+from torch import nn
+
+import deepshrink as ds
+from deepshrink.deploy import export
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+
+
+def test_onnx_files_carry_no_exporter_debug_records(tmp_path):
+    model, x = _mlp(), torch.randn(4, 256)
+    export(model, tmp_path / "m.onnx", example_input=x)
+    proto = onnx.load(tmp_path / "m.onnx")
+    assert proto.graph.node
+    assert all(not n.metadata_props and not n.doc_string for n in proto.graph.node)
+    assert __file__ not in (tmp_path / "m.onnx").read_bytes().decode("latin-1")   # no source paths of this machine
+
+
+def test_int8_files_are_a_quarter_of_fp32_and_the_graph_keeps_no_float_copies(tmp_path):
+    model = _mlp()
+    samples = [torch.randn(256) for _ in range(32)]
+    data = ds.data.from_samples(calib=samples, eval=samples)
+    dense_weights = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    for config in (ds.Int8Static(int8_layout="s8s8-reduced"), ds.Int8Dynamic(int8_layout="s8s8-reduced")):
+        quantized = ds.quantize(model, config, data=data)
+        # the int8 weights as buffers, the biases float; the float originals gone
+        assert sum(b.numel() for b in quantized.buffers() if b.dtype == torch.int8) == dense_weights
+        assert sum(p.numel() for p in quantized.parameters()) == sum(m.bias.numel() for m in model if isinstance(m, nn.Linear))
+        for suffix in (".onnx", ".pte"):
+            fp32 = export(model, tmp_path / f"fp32{suffix}", example_input=torch.stack(samples[:4]))
+            int8 = export(quantized, tmp_path / f"int8{suffix}", example_input=torch.stack(samples[:4]))
+            assert int8.parity_passed
+            # 1 byte per weight (+ scales, biases, graph) against 4: at most 0.27x
+            assert int8.file_bytes <= 0.27 * fp32.file_bytes, (type(config).__name__, suffix, int8.file_bytes, fp32.file_bytes)
