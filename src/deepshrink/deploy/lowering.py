@@ -10,7 +10,7 @@ from deepshrink.core.errors import ExportError
 from deepshrink.core.extras import require
 from deepshrink.core.io import atomic_path
 from deepshrink.core.log import scoped_levels
-from deepshrink.deploy.xnnpack_fixes import prelu_to_4d
+from deepshrink.deploy.xnnpack_fixes import prelu_to_4d, quantized_embeddings
 
 
 def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict:
@@ -21,6 +21,7 @@ def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict:
     from executorch.exir import to_edge_transform_and_lower
 
     prelu_to_4d(program)   # XNNPACK 1.5.1 rejects PReLU on [batch, features]; exact rewrite
+    quantized_embeddings(program)   # int8 tables looked up row by row
     try:
         manager = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     except Exception as err:  # lowering raises many types; one line names the cause

@@ -47,3 +47,66 @@ def prelu_to_4d(program: torch.export.ExportedProgram) -> int:
         graph.lint()
         program.graph_module.recompile()
     return rewritten
+
+
+def quantized_embeddings(program: torch.export.ExportedProgram) -> int:
+    """Rewrite, in place, ``embedding(dequantize_per_channel(table_int8, scales, zeros, axis 0), ids)``
+    into ExecuTorch's ``quantized_decomposed.embedding_byte(table_int8, scales, None, ids)``: the
+    rows looked up are dequantized, not the whole table on every call (XNNPACK has no gather; this
+    runs on ExecuTorch's quantized kernels). Symmetric tables only (zero points all 0, which the
+    kernel then needs not). Returns how many were rewritten."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  defines embedding_byte
+    import executorch.kernels.quantized  # noqa: F401  registers its out variant for to_executorch
+
+    graph = program.graph_module.graph
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _aten.embedding.default:
+            continue
+        table = node.args[0]
+        if not (isinstance(table, torch.fx.Node) and table.target is torch.ops.quantized_decomposed.dequantize_per_channel.default):
+            continue
+        weight, scales, zeros, axis, qmin, qmax, dtype = table.args[:7]
+        if axis != 0 or dtype != torch.int8 or _constant(program, zeros).count_nonzero():
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(torch.ops.quantized_decomposed.embedding_byte.default,
+                                        (weight, scales, None, qmin, qmax, node.args[1]))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+        if not table.users:
+            graph.erase_node(table)
+        rewritten += 1
+    if rewritten:
+        graph.eliminate_dead_code()
+        _drop_unused_constants(program)   # the zero points the kernel does not read
+        graph.lint()
+        program.graph_module.recompile()
+    return rewritten
+
+
+def _drop_unused_constants(program: torch.export.ExportedProgram) -> None:
+    """Remove lifted parameters, buffers and constants no node reads (they would be serialized)."""
+    from torch.export.graph_signature import InputKind
+
+    unused = {n.name for n in program.graph.nodes if n.op == "placeholder" and not n.users}
+    kept = []
+    for spec in program.graph_signature.input_specs:
+        if spec.arg.name in unused and spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            program.state_dict.pop(spec.target, None)
+            program.constants.pop(spec.target, None)
+            program.graph.erase_node(next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name))
+        else:
+            kept.append(spec)
+    program.graph_signature.input_specs[:] = kept
+
+
+def _constant(program: torch.export.ExportedProgram, node: torch.fx.Node) -> torch.Tensor:
+    """The value of a lifted constant (parameter, buffer or tensor constant) placeholder."""
+    sig = program.graph_signature
+    name = (sig.inputs_to_parameters.get(node.name) or sig.inputs_to_buffers.get(node.name)
+            or sig.inputs_to_lifted_tensor_constants.get(node.name))
+    if name is None:
+        raise KeyError(node.name)
+    return program.state_dict[name] if name in program.state_dict else program.constants[name]

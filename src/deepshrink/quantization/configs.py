@@ -42,6 +42,8 @@ class Int8Static:
     ``int8_layout``: activation dtype and weight range (``core.targets.INT8_LAYOUTS``); ``None``
     takes the target's (``s8s8`` for XNNPACK, ``u8s8-reduced`` for ONNX Runtime: 7-bit weights,
     which ONNX Runtime's x86 kernels cannot saturate on CPUs without VNNI).
+    ``embeddings``: embedding tables (a transformer's vocabulary: often half its bytes) stored
+    int8, one symmetric scale per row; ``False`` keeps them float.
     """
 
     calibration: Calibration = "histogram"
@@ -52,6 +54,7 @@ class Int8Static:
     equalization: Equalization = "none"
     fp32_layers: tuple[str, ...] = ()
     int8_layout: Int8Layout | None = None
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         check(self.calibration_samples >= 1, "calibration_samples", f"{self.calibration_samples} must be >= 1")
@@ -73,6 +76,7 @@ class Int8Dynamic:
     per_channel: bool | None = None
     fp32_layers: tuple[str, ...] = ()
     int8_layout: Int8Layout | None = None
+    embeddings: bool = True
 
     def __post_init__(self) -> None:
         _check_layout(self.int8_layout)

@@ -53,7 +53,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     quantizer = build_quantizer(
         quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile,
                             int8_layout=layout),
-        fp32_layers=fp32,
+        fp32_layers=fp32, embeddings=config.embeddings,
     )
     prepared = prepare_pt2e(graph, quantizer)
     seen = calibrate(prepared, data, config.calibration_samples)
@@ -87,7 +87,7 @@ def quantize_dynamic(model: nn.Module, config: Int8Dynamic, data: DataSplits, ta
     graph = capture(model, data.example_input(), max_batch=target.max_batch, dynamic=data.dynamic).module()
     layout = config.int8_layout or target.quantizer.int8_layout
     prepared = prepare_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, dynamic=True, int8_layout=layout),
-                                                   fp32_layers=fp32))
+                                                   fp32_layers=fp32, embeddings=config.embeddings))
     # weight observers record only when they run: without this pass every weight scale stays at its
     # default (1.0 per tensor, one entry per channel) — the cause of the old export failures
     with torch.no_grad():

@@ -103,8 +103,9 @@ def in_layers(node: Node, patterns: Iterable[str]) -> bool:
     return any(matches(p, path) for p in patterns for path in module_paths(node) if path)
 
 
-def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
-    """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float."""
+def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bool = False):
+    """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float;
+    ``embeddings``: embedding tables int8 per row as well (weight-only; see ``annotate_embeddings``)."""
     require("executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
@@ -126,6 +127,8 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
             if not self.global_config.input_activation.is_dynamic:
                 annotate_clamped(model, self.global_config, self.filter_fn)
             super().annotate(model)
+            if embeddings:
+                annotate_embeddings(model, self.filter_fn)
             share_through_padding(model)
             drop_integer_annotations(model)
             return model
@@ -135,6 +138,31 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = ()):
         patterns = tuple(fp32_layers)
         quantizer.set_filter_function(lambda node: not in_layers(node, patterns))
     return quantizer
+
+
+def annotate_embeddings(gm: torch.fx.GraphModule, filter_fn=None) -> int:
+    """Mark every ``aten.embedding`` table for int8 weight-only quantization, one symmetric scale
+    per row (axis 0, range ±127): the lookup then reads int8 rows (ONNX: ``DequantizeLinear`` →
+    ``Gather``; ExecuTorch: ``embedding_byte``). XNNPACK's quantizer leaves embeddings alone.
+    Returns how many tables were marked."""
+    from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    spec = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
+                            ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=2**-12))
+    marked = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        if filter_fn is not None and not filter_fn(node):
+            continue
+        table = node.args[0]
+        if not (isinstance(table, torch.fx.Node) and table.op == "get_attr"):   # a computed table stays float
+            continue
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={table: spec}, _annotated=True)
+        marked += 1
+    return marked
 
 
 def scalars_to_float_attrs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
