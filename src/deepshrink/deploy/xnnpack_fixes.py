@@ -19,9 +19,7 @@ def prelu_to_4d(program: torch.export.ExportedProgram) -> int:
     Returns how many were rewritten."""
     graph = program.graph_module.graph
     rewritten = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _aten.prelu.default:
-            continue
+    for node in _calls(graph, _aten.prelu.default):
         x = node.args[0]
         val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
         if val is None or val.dim() not in (2, 3) or not all(isinstance(d, int) for d in val.shape[1:]):
@@ -60,9 +58,7 @@ def quantized_embeddings(program: torch.export.ExportedProgram) -> int:
 
     graph = program.graph_module.graph
     rewritten = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _aten.embedding.default:
-            continue
+    for node in _calls(graph, _aten.embedding.default):
         table = node.args[0]
         if not (isinstance(table, torch.fx.Node) and table.target is torch.ops.quantized_decomposed.dequantize_per_channel.default):
             continue
@@ -100,6 +96,11 @@ def _drop_unused_constants(program: torch.export.ExportedProgram) -> None:
         else:
             kept.append(spec)
     program.graph_signature.input_specs[:] = kept
+
+
+def _calls(graph: torch.fx.Graph, target) -> list[torch.fx.Node]:
+    """The nodes calling ``target``, listed first so the graph may change while they are visited."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is target]
 
 
 def _constant(program: torch.export.ExportedProgram, node: torch.fx.Node) -> torch.Tensor:
