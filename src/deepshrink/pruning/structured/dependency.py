@@ -28,6 +28,9 @@ from deepshrink.pruning.structured.channel_rules import (
 from deepshrink.pruning.structured.graph import ChannelGraph, ParamSlice, Unsupported
 
 
+_BASE_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
 class UnprunableLayerWarning(UserWarning):
     """A layer or op was left unpruned (with every channel coupled to it); the message names it."""
 
@@ -181,9 +184,17 @@ class _Walker(ChannelRules):
             return None, "its weight is computed in forward, not read from a module parameter"
         name = owner[0]
         module = self.modules.get(name)
+        if not isinstance(module, kinds):
+            return None, f"{type(module).__name__} is not one of {', '.join(k.__name__ for k in kinds)}"
         if type(module) not in kinds:
-            return None, (f"{type(module).__name__} is not one of {', '.join(k.__name__ for k in kinds)} "
-                          f"(a subclass's forward may depend on its width)")
+            # a subclass (TF-style "same" padding, a custom init) is its base when it holds no tensors
+            # or layers of its own: what its forward computes is in the traced graph, which the
+            # channel rules read, and the shrunk model is run before it is kept
+            own = {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+            extra = sorted(own - _BASE_TENSORS) + sorted(n for n, _ in module.named_children())
+            if extra:
+                return None, (f"{type(module).__name__} subclasses {next(k for k in kinds if isinstance(module, k)).__name__} "
+                              f"but holds {', '.join(extra)} of its own, which may depend on its width")
         for i, arg in present.items():
             if self._owner(arg) != (name, params[i][1]):
                 return None, f"its {params[i][1]} is not {name}.{params[i][1]}"

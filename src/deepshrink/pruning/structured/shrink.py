@@ -7,6 +7,8 @@ original (every coupled slice of a removed channel zeroed), which is what the te
 """
 from __future__ import annotations
 
+import copy
+
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -61,7 +63,10 @@ def shrink_channels(model: nn.Module, plan: ChannelPlan) -> dict[str, tuple[int,
         old = model.get_submodule(name)
         if all(len(idx) == getattr(old, param).shape[dim] for (param, dim), idx in kept.items()):
             continue
-        new = _REBUILD[type(old)](old, kept)
+        base = next(kind for kind in _REBUILD if isinstance(old, kind))
+        new = _REBUILD[base](old, kept, base)
+        if type(old) is not base:
+            new = _as_subclass(old, new)
         new.train(old.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -82,7 +87,21 @@ def _copy(target: nn.Parameter | torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(source)
 
 
-def _conv(old: nn.modules.conv._ConvNd, kept) -> nn.Module:
+def _as_subclass(old: nn.Module, shrunk: nn.Module) -> nn.Module:
+    """A copy of ``old`` (its class, its other attributes) with ``shrunk``'s tensors and widths: a
+    subclass is rebuilt without calling its constructor, whose signature may differ from its base's."""
+    new = copy.copy(old)
+    new._parameters, new._buffers = dict(shrunk._parameters), dict(shrunk._buffers)
+    for attr in _WIDTHS:
+        if hasattr(shrunk, attr):
+            setattr(new, attr, getattr(shrunk, attr))
+    return new
+
+
+_WIDTHS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+
+
+def _conv(old: nn.modules.conv._ConvNd, kept, cls: type) -> nn.Module:
     out_idx = _index(kept, "weight", 0, old.out_channels)
     if old.groups == 1:
         in_idx = _index(kept, "weight", 1, old.in_channels)
@@ -91,7 +110,7 @@ def _conv(old: nn.modules.conv._ConvNd, kept) -> nn.Module:
         in_idx = torch.arange(old.weight.shape[1])
         multiplier = old.out_channels // old.in_channels
         in_channels = groups = len(out_idx) // multiplier
-    new = type(old)(
+    new = cls(
         in_channels, len(out_idx), old.kernel_size, stride=old.stride, padding=old.padding, dilation=old.dilation,
         groups=groups, bias=old.bias is not None, padding_mode=old.padding_mode, device=old.weight.device, dtype=old.weight.dtype,
     )
@@ -102,7 +121,7 @@ def _conv(old: nn.modules.conv._ConvNd, kept) -> nn.Module:
     return new
 
 
-def _linear(old: nn.Linear, kept) -> nn.Module:
+def _linear(old: nn.Linear, kept, cls: type = nn.Linear) -> nn.Module:
     out_idx = _index(kept, "weight", 0, old.out_features)
     in_idx = _index(kept, "weight", 1, old.in_features)
     new = nn.Linear(len(in_idx), len(out_idx), bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
@@ -113,10 +132,10 @@ def _linear(old: nn.Linear, kept) -> nn.Module:
     return new
 
 
-def _batch_norm(old: nn.modules.batchnorm._BatchNorm, kept) -> nn.Module:
+def _batch_norm(old: nn.modules.batchnorm._BatchNorm, kept, cls: type) -> nn.Module:
     idx = next(torch.tensor(v, dtype=torch.long) for (_, dim), v in kept.items() if dim == 0)
     reference = old.weight if old.weight is not None else old.running_mean
-    new = type(old)(len(idx), eps=old.eps, momentum=old.momentum, affine=old.affine,
+    new = cls(len(idx), eps=old.eps, momentum=old.momentum, affine=old.affine,
                     track_running_stats=old.track_running_stats, device=reference.device, dtype=reference.dtype)
     for name in ("weight", "bias", "running_mean", "running_var"):
         if getattr(old, name, None) is not None:
