@@ -19,7 +19,7 @@ from baselines import dense_baseline, mnist
 from common import REPO, provenance
 
 import deepshrink as ds
-from deepshrink.pruning import GradientPruning, MagnitudePruning, RandomPruning, TaylorPruning, prune_with_schedule
+from deepshrink.pruning import GradientPruning, MagnitudePruning, RandomPruning, ScheduledPruning, TaylorPruning
 from deepshrink.pruning.schedules import Gradual, Iterative, OneShot
 from deepshrink.training import Distillation, TrainConfig, accuracy
 
@@ -50,7 +50,7 @@ def headline(dense, data) -> tuple[torch.nn.Module, list[str]]:
     schedule = Gradual(initial=0.0, start=0, steps=10, interval=2)
     train = TrainConfig(epochs=40, lr=5e-4, batch_size=64, distill=Distillation(temperature=2.0, alpha=0.7), seed=0)
     started = time.perf_counter()
-    steps = prune_with_schedule(model, config, schedule, data=data, train_config=train, teacher=dense)
+    steps = ds.prune_report(ds.prune(model, ScheduledPruning(config, schedule, train), data=data, teacher=dense)).steps
     ds.finalize(model)
     kept, total = weight_counts(model)
     lines = [f"| {s.epoch} | {100 * s.sparsity:.1f} | {100 * max(s.history.val_accuracy or [0]):.2f} |" for s in steps]
@@ -66,8 +66,8 @@ def grid(dense, data, budget: int = 5) -> list[str]:
             for sname, schedule in schedules_for(sparsity, budget).items():
                 model = copy.deepcopy(dense)
                 config = klass(sparsity=sparsity, scope="global", skip_classifier=False)
-                prune_with_schedule(model, config, schedule, data=data,
-                                    train_config=TrainConfig(epochs=budget, lr=1e-3, batch_size=128, seed=0))
+                ds.prune(model, ScheduledPruning(config, schedule, TrainConfig(epochs=budget, lr=1e-3, batch_size=128, seed=0)),
+                         data=data)
                 ds.finalize(model)
                 kept, total = weight_counts(model)
                 assert abs(kept - round((1 - sparsity) * total)) <= 1, (kept, total)

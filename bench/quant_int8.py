@@ -74,8 +74,9 @@ def main() -> None:
         lambda: quantize(model, Int8Static(equalization="cle", calibration_samples=args.calibration_samples), data=data),
         scheme="Int8Static(histogram, equalization='cle')")
     variants["int8 dynamic"] = _timed(lambda: quantize(model, Int8Dynamic(), data=data), scheme="Int8Dynamic (per-channel)")
-    variants["W8A8 QAT"] = _timed(lambda: quantize(model, Int8QAT(epochs=args.qat_epochs, lr=1e-4), data=data),
-                                  scheme=f"Int8QAT(epochs={args.qat_epochs}, lr=1e-4)")
+    qat = Int8QAT(train=TrainConfig(epochs=args.qat_epochs, lr=1e-4))
+    variants["W8A8 QAT"] = _timed(lambda: quantize(model, qat, data=data, train_fn=fit),
+                                  scheme=f"Int8QAT(train=TrainConfig(epochs={args.qat_epochs}, lr=1e-4))")
     for v in variants.values():
         v["val"] = accuracy(v["module"], val_loader)
         v["simulated"] = accuracy(v["module"], test_loader)

@@ -24,7 +24,7 @@ from common import REPO, SHARED_DATA, provenance
 from deepshrink.data import load as load_data
 from deepshrink.models.loading import load_checkpoint, save_checkpoint
 from deepshrink.models.zoo import create
-from deepshrink.quantization.api import quantize
+from deepshrink.api import quantize   # deepshrink.training.fit trains the schemes that train
 from deepshrink.quantization.lowbit import (Codebook, WeightOnly, WeightQAT, bit_sensitivity, load_compressed,
                                             measure_front, save_compressed)
 from deepshrink.training import TrainConfig, accuracy, fit
@@ -113,7 +113,7 @@ def bench_lenet5(data, scratch: Path, timings: dict) -> dict:
     qat = {}
     for method in ("lsq", "ste"):
         t = time.perf_counter()
-        model = quantize(copy_of(dense), WeightQAT(bits=4, method=method, epochs=QAT_EPOCHS, lr=1e-4), data=data)
+        model = quantize(copy_of(dense), WeightQAT(bits=4, method=method, train=TrainConfig(epochs=QAT_EPOCHS, lr=1e-4)), data=data)
         path = ARTIFACT if method == "lsq" else scratch / "l5-w4-ste.dsk"
         path.parent.mkdir(parents=True, exist_ok=True)
         qat[method] = {"label": f"QAT 4-bit per-channel, {method.upper()}, {QAT_EPOCHS} epochs",
@@ -144,12 +144,12 @@ def bench_lenet300(data, scratch: Path, timings: dict) -> dict:
         variants = [
             ("uniform per-tensor", "—", WeightOnly(bits=bits, granularity="per_tensor")),
             ("uniform per-channel", "—", WeightOnly(bits=bits)),
-            ("uniform per-channel", f"QAT-STE {FINETUNE_EPOCHS} ep", WeightQAT(bits=bits, method="ste", epochs=FINETUNE_EPOCHS, lr=1e-4)),
+            ("uniform per-channel", f"QAT-STE {FINETUNE_EPOCHS} ep", WeightQAT(bits=bits, method="ste", train=TrainConfig(epochs=FINETUNE_EPOCHS, lr=1e-4))),
             ("k-means", "—", Codebook(method="kmeans", bits=bits)),
-            ("k-means", f"centroids {FINETUNE_EPOCHS} ep", Codebook(method="kmeans", bits=bits, finetune_epochs=FINETUNE_EPOCHS)),
+            ("k-means", f"centroids {FINETUNE_EPOCHS} ep", Codebook(method="kmeans", bits=bits, train=TrainConfig(epochs=FINETUNE_EPOCHS, lr=1e-4))),
             ("equal-population", "—", Codebook(method="equal_population", bits=bits)),
             ("equal-population", f"centroids {FINETUNE_EPOCHS} ep",
-             Codebook(method="equal_population", bits=bits, finetune_epochs=FINETUNE_EPOCHS)),
+             Codebook(method="equal_population", bits=bits, train=TrainConfig(epochs=FINETUNE_EPOCHS, lr=1e-4))),
             ("power-of-two", "—", Codebook(method="power_of_two", bits=bits)),
         ]
         for scheme, finetune, config in variants:
@@ -249,7 +249,7 @@ Artifact: `bench/artifacts/lenet-5-w4-qat.dsk` ({lsq['dsk_bytes']:,} bytes; `loa
 {chr(10).join(acc_row(r) for r in l5['rows'])}
 
 PTQ = `WeightOnly(bits, symmetric=True, granularity="per_channel")`, min/max scales, no data.
-QAT = `WeightQAT(bits=4, method, epochs={QAT_EPOCHS}, lr=1e-4)` from the dense model, Adam, cosine, best val epoch kept.
+QAT = `WeightQAT(bits=4, method, train=TrainConfig(epochs={QAT_EPOCHS}, lr=1e-4))` from the dense model, Adam, cosine, best val epoch kept.
 
 ### Mixed precision (PTQ, symmetric per-channel)
 

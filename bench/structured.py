@@ -27,7 +27,7 @@ from deepshrink.data import load
 from deepshrink.deploy import export
 from deepshrink.evaluation.compare import evaluate_many
 from deepshrink.models.mobile import mobile_cnn
-from deepshrink.pruning.structured import ChannelPruning, prune_channels
+from deepshrink.pruning import ChannelPruning, prune, prune_report
 from deepshrink.training import Distillation, TrainConfig, accuracy, fit
 
 THREADS = 1
@@ -80,7 +80,7 @@ def lenet_part() -> dict:
     dense, dense_err = dense_baseline("lenet-5", data)
     example = data.example_input(64)
     model = copy.deepcopy(dense)
-    report = prune_channels(model, LENET_PRUNE, example_input=example, data=data)
+    report = prune_report(prune(model, LENET_PRUNE, example_input=example, data=data))
     pruned_err = test_error(model, data)
     history = fit(model, data, LENET_FINETUNE, teacher=dense, progress=False)
     eager_err = test_error(model, data)
@@ -102,7 +102,7 @@ def mobile_part() -> dict:
     dense, trained = dense_mobile(data)
     example = data.example_input(64)
     model = copy.deepcopy(dense)
-    report = prune_channels(model, MOBILE_PRUNE, example_input=example, data=data)
+    report = prune_report(prune(model, MOBILE_PRUNE, example_input=example, data=data))
     pruned_err = test_error(model, data)
     history = fit(model, data, MOBILE_FINETUNE, teacher=dense, progress=False)
     eager = {"dense": test_error(dense, data), "pruned": test_error(model, data)}

@@ -40,7 +40,7 @@ def main() -> None:
                    "kl_weight": args.kl_weight, "train": {"epochs": args.epochs, "lr": 0.001, "batch_size": 128},
                    **retrain, "remove_dead": True}},
         {"quantize": {"scheme": "codebook", "method": "kmeans", "bits": 5, "layers": {"*": 5},
-                      "finetune_epochs": 2, "finetune_lr": 0.0001}},
+                      "train": {"epochs": 2, "lr": 0.0001}}},
         {"export": {"formats": ["dsk"]}},
         {"evaluate": {"latency_runs": 0}},
     ]})

@@ -42,8 +42,9 @@ def run(data: DataSplits, out: Path, *, epochs: int = 3, finetune_epochs: int = 
     dense = ds.evaluate(model, data.test, latency_runs=0)
 
     # prune.l1_unstructured(fc1, amount=0.5): half of fc1's weights, by |w|, within that layer
-    report = ds.prune(model, MagnitudePruning(sparsity=0.5, scope="local", layers=("hidden.0",)))
-    ds.fit(model, data, TrainConfig(epochs=finetune_epochs, lr=3e-4), progress=False)
+    model = ds.prune(model, MagnitudePruning(sparsity=0.5, scope="local", layers=("hidden.0",)))   # in place; returned
+    report = ds.prune_report(model)
+    ds.fit(model, data, TrainConfig(epochs=finetune_epochs, lr=3e-4), progress=False)   # the module holds the mask
     ds.finalize(model)                                        # permanent: zeros stay, masks go
 
     # keep the returned model; one file for ExecuTorch and one for ONNX Runtime from the same weights:

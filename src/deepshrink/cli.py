@@ -127,6 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output directory (default out/<recipe name>)")
     run.add_argument("--resume", action="store_true", help="continue a run of the same recipe from its last finished stage")
     run.add_argument("--data-dir", default=None, help="directory of the dataset's IDX files (overrides the recipe)")
+    ddp = run.add_argument_group("distributed training (torchrun: the stages that train run on every process, "
+                                 "DistributedDataParallel; the rest on rank 0, which alone writes files)")
+    ddp.add_argument("--nproc-per-node", type=_at_least(1), default=None, metavar="N",
+                     help="start N processes on this machine through torchrun (torch.distributed.run); "
+                          "default 1 when --nnodes is given")
+    ddp.add_argument("--nnodes", type=_at_least(1), default=1, metavar="M", help="machines taking part (default 1)")
+    ddp.add_argument("--node-rank", type=_at_least(0), default=0, metavar="R", help="this machine's index, 0..M-1")
+    ddp.add_argument("--master-addr", default="127.0.0.1", metavar="HOST", help="address of node 0 (default 127.0.0.1)")
+    ddp.add_argument("--master-port", type=_at_least(1), default=None, metavar="PORT",
+                     help="a free port on node 0 (default: 29500 with several nodes; one node picks a free port)")
 
     demo = sub.add_parser("demo", help="run the packaged demo recipe (LeNet-5 on embedded digits)")
     demo.add_argument("--out", default="out/demo")
@@ -151,16 +161,53 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``run --nproc-per-node N``: the recipe checked once here, then ``deepshrink run`` on N processes
+    through torchrun; one line naming the rank when one fails."""
+    from deepshrink.core.errors import ConfigError
+    from deepshrink.pipeline import load_recipe
+    from deepshrink.pipeline.recipe_checks import training_batch_problems
+    from deepshrink.training import distributed
+
+    if distributed.launched():
+        raise ConfigError("--nproc-per-node: this process was itself started by torchrun; run `deepshrink run` "
+                          "without --nproc-per-node/--nnodes under torchrun")
+    if args.node_rank >= args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be below --nnodes {args.nnodes}")
+    recipe = load_recipe(args.recipe)
+    nproc = args.nproc_per_node or 1
+    problems = training_batch_problems(recipe.stages, nproc * args.nnodes)
+    if problems:
+        raise ConfigError(*problems)
+    child = ["run", args.recipe, "--out", args.out or os.path.join("out", recipe.name)]
+    child += (["--resume"] if args.resume else []) + (["--data-dir", args.data_dir] if args.data_dir else [])
+    child += ["-q"] if args.quiet else ["-v"] if args.verbose else []
+    try:
+        distributed.launch(child, nproc_per_node=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                           master_addr=args.master_addr, master_port=args.master_port, quiet_logs=not args.verbose)
+    except distributed.RankFailed as err:
+        if err.input_error:
+            print(f"deepshrink: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"deepshrink: error: {err} (rerun the same command with --resume to continue from the last finished "
+              "stage and epoch)", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def _run(recipe_path: str, out: str | None, resume: bool, data_dir: str | None, *, quiet: bool = False) -> int:
     import dataclasses
 
     from deepshrink.pipeline import load_recipe, run_recipe
+    from deepshrink.training.distributed import is_main
 
     recipe = load_recipe(recipe_path)
     if data_dir is not None:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, data_dir=data_dir))
     started = time.perf_counter()
     result = run_recipe(recipe, out or os.path.join("out", recipe.name), resume=resume, progress=False if quiet else None)
+    if not is_main():   # a torchrun process other than rank 0: rank 0 reports
+        return 0
     log.info("finished %s in %.1f s wall", recipe.name, time.perf_counter() - started)
     for label, v in result.state.variants.items():
         size = f"{v['file_bytes'] / 1024:8.1f} KiB" if v.get("file_bytes") else " " * 12
@@ -224,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     try:
+        if args.command == "run" and (args.nproc_per_node is not None or args.nnodes > 1):
+            return _launch(args)
         if args.command == "run":
             return _run(args.recipe, args.out, args.resume, args.data_dir, quiet=args.quiet)
         if args.command == "demo":
@@ -239,19 +288,34 @@ def _command(args: argparse.Namespace) -> int:
             print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {', '.join(s.kind for s in recipe.stages)})")
             return 0
     except DeepshrinkError as err:
-        print(f"deepshrink: error: {err}", file=sys.stderr)
+        _say(f"error: {err}", str(err), err)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("deepshrink: interrupted; rerun with --resume to continue from the last finished stage", file=sys.stderr)
         return 130
+    except SystemExit as err:   # the user's code (a model's forward, a data or metric function) called sys.exit()
+        _say(f"failed: your code called sys.exit({err.code!r}); it must raise an exception instead (--resume continues "
+             "from the last finished stage)", f"SystemExit: {err.code!r}", err)
+        return EXIT_FAILED
     except Exception as err:   # a failure inside a stage (often the model's own code): one line, exit 1
         if os.environ.get("DEEPSHRINK_TRACEBACK"):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"deepshrink: failed: {type(err).__name__}: {first} (set DEEPSHRINK_TRACEBACK=1 for the traceback; "
-              "--resume continues from the last finished stage)", file=sys.stderr)
+        _say(f"failed: {type(err).__name__}: {first} (set DEEPSHRINK_TRACEBACK=1 for the traceback; "
+             "--resume continues from the last finished stage)", f"{type(err).__name__}: {first}", err)
         return EXIT_FAILED
     return EXIT_USAGE
+
+
+def _say(line: str, message: str, err: BaseException) -> None:
+    """``deepshrink: LINE`` on stderr; in a process ``run --nproc-per-node`` started, ``message`` goes to
+    the launcher instead, which prints one line for the run naming the rank that failed."""
+    if os.environ.get("DEEPSHRINK_LAUNCHED"):
+        from deepshrink.training.distributed import record_failure
+
+        if record_failure(message, err):
+            return
+    print(f"deepshrink: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

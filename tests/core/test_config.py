@@ -40,6 +40,21 @@ def test_configs_survive_a_yaml_round_trip(config):
     assert from_dict(type(config), yaml.safe_load(text)) == config
 
 
+@dataclass(frozen=True)
+class Stages:
+    steps: tuple[Inner, ...] = ()
+
+
+def test_to_dict_is_plain_data_all_the_way_down():
+    import json
+
+    plain = to_dict(Stages(steps=(Inner(4), Inner(2))))
+    assert plain == {"steps": [{"bits": 4}, {"bits": 2}]} and type(plain["steps"]) is list
+    assert json.loads(json.dumps(plain)) == plain                       # what metrics.json stores
+    assert to_dict(MagnitudePruning(layers=("fc1",)))["layers"] == ["fc1"]
+    assert from_dict(Stages, plain) == Stages(steps=(Inner(4), Inner(2)))
+
+
 def test_unknown_key_names_its_path_and_the_allowed_keys():
     with pytest.raises(ConfigError, match=r"^Outer\.inner\.bitz: unknown key; allowed keys: bits; did you mean 'bits'\?$"):
         from_dict(Outer, {"inner": {"bitz": 3}})

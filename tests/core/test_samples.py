@@ -12,6 +12,14 @@ class TwoInputs(nn.Module):
         return input_ids.float() * (1 if attention_mask is None else attention_mask)
 
 
+def test_take_and_unstack_rows_of_every_tensor():
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "attention_mask": torch.arange(5)}
+    part = S.take(batch, 1, 3)
+    assert part["input_ids"].tolist() == [[2, 3], [4, 5]] and part["attention_mask"].tolist() == [1, 2]
+    assert S.batch_size(S.take(batch, 0, 1)) == 1
+    assert [s["attention_mask"].item() for s in S.unstack(batch)] == [0, 1, 2, 3, 4]
+
+
 def test_structure_names_dtypes_and_ranks():
     sample = {"input_ids": torch.zeros(7, dtype=torch.int64), "attention_mask": torch.ones(7, dtype=torch.int64)}
     assert S.describe(sample) == "dict(input_ids: int64 rank 1, attention_mask: int64 rank 1)"

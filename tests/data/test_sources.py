@@ -36,12 +36,22 @@ def test_mnist_reads_official_files(mnist, shared_data):
 
 def test_fashion_mnist_reads(shared_data):
     fm = load("fashion-mnist", data_dir=shared_data / "fashion-mnist")
+    assert fm.sizes() == {"train": 55000, "val": 5000, "test": 10000, "calib": 512}
     assert torch.bincount(fm.test.tensors[1]).tolist() == [1000] * 10
+    # pixels scaled to [0, 1], then standardised with Fashion-MNIST's own training mean and std
+    raw = torch.from_numpy(read_idx(shared_data / "fashion-mnist" / "t10k-images-idx3-ubyte.gz")[:100].astype("float32"))
+    torch.testing.assert_close(fm.test.tensors[0][:100, 0], (raw / 255 - 0.2860) / 0.3530, rtol=0, atol=1e-5)
+    train = torch.cat([fm.train.tensors[0], fm.val.tensors[0]])
+    assert abs(float(train.mean())) < 0.01 and abs(float(train.std()) - 1) < 0.01
 
 
 def test_missing_data_dir_names_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"mnist: IDX files not found \(looked in .*nowhere.*--data-dir"):
         load("mnist", data_dir=tmp_path / "nowhere")
+    with pytest.raises(DataError) as err:
+        load("mnist", data_dir=tmp_path / "nowhere")
+    # a Python caller is told the Python argument first; the CLI flag is named for the command line
+    assert "data_dir=DIR (CLI: --data-dir DIR)" in str(err.value) and "download=True" in str(err.value)
 
 
 def test_env_var_is_searched(tmp_path, monkeypatch, shared_data):

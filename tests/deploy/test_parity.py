@@ -43,6 +43,16 @@ def test_quantized_parity_counts_output_steps():
     assert TOLERANCES["quantized"]["p99_steps"] == 3.0
 
 
+def test_quantized_parity_gates_top1_agreement():
+    # every output within one step, yet every near-tie answer flipped: the step figures pass, top-1 does not
+    ref = torch.tensor([[0.1, 0.0]] * 50)
+    flipped = torch.tensor([[0.0, 0.1]] * 50)
+    bad = measure(ref, flipped, runtime="r", step=0.1, quantized=True)
+    assert bad.p99_steps <= 3 and bad.mean_steps <= 1 and bad.argmax_agreement == 0.0
+    assert bad.failures == ("argmax agreement 0.0% < 97%",)
+    assert measure(ref, flipped, runtime="r", step=0.1, quantized=True, gate_argmax=False).passed
+
+
 @pytest.mark.parametrize("suffix", [".pte", ".onnx"])
 def test_a_file_beyond_tolerance_fails_the_export_with_one_line(tmp_path, suffix):
     path = tmp_path / f"wrong{suffix}"

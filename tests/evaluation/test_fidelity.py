@@ -18,6 +18,23 @@ def test_classification_agreement_overlap_and_kl():
     assert f["mean_kl"] > 0 and f["headline"] == "top1_agreement" and f["value"] == f["top1_agreement"]
 
 
+def test_top5_overlap_is_a_set_overlap():
+    ref = torch.tensor([[9.0, 8, 7, 6, 5, 0, 0, 0]])
+    same_set = torch.tensor([[5.0, 6, 7, 8, 9, 0, 0, 0]])       # same five classes, order reversed
+    three_of_five = torch.tensor([[9.0, 8, 7, 0, 0, 6, 5, 0]])
+    assert fidelity([(ref,)], [(same_set,)])["top5_overlap"] == 1.0
+    assert fidelity([(ref,)], [(three_of_five,)])["top5_overlap"] == pytest.approx(3 / 5)
+
+
+def test_nearest_neighbour_is_another_sample_never_itself():
+    from deepshrink.evaluation.fidelity import embedding
+
+    ref = torch.tensor([[1.0, 0.1], [1.0, -0.1], [-1.0, 0.1], [-1.0, -0.1]])   # pairs (0, 1), (2, 3)
+    out = torch.tensor([[1.0, 0.1], [-1.0, 0.1], [1.0, 0.05], [-1.0, -0.1]])   # pairs (0, 2), (1, 3)
+    assert embedding(ref, ref, k=1)["neighbour_overlap_at_1"] == 1.0
+    assert embedding(ref, out, k=1)["neighbour_overlap_at_1"] == 0.0
+
+
 def test_embeddings_cosine_and_neighbour_overlap():
     g = torch.Generator().manual_seed(0)
     ref = F.normalize(torch.randn(20, 16, generator=g), dim=-1)

@@ -56,6 +56,14 @@ def test_chooser_keeps_the_smaller_coding_and_round_trips(sparsity):
     np.testing.assert_array_equal(sparse.decode_positions(chosen, numel=NUMEL, nnz=pos.size), pos)
 
 
+def test_half_dense_positions_take_the_bitmask():
+    # 50 % at random: no gap code beats one bit per element, so the bitmask (NUMEL / 8 bytes) wins
+    pos = _positions(0.5, seed=4)
+    chosen = sparse.encode_positions(pos, NUMEL)
+    assert chosen.coding == sparse.PositionCoding.BITMASK and len(chosen.payload) == NUMEL // 8 == 29_400
+    np.testing.assert_array_equal(sparse.decode_positions(chosen, numel=NUMEL, nnz=pos.size), pos)
+
+
 def test_sparse_positions_cost_near_their_entropy():
     # 90 % sparse: gaps are geometric, H = H(0.1) / 0.1 = 4.69 bits per nonzero, 0.47 per element
     pos = _positions(0.9, seed=2)

@@ -43,6 +43,9 @@ def test_dense_layers_are_not_candidates():
     model = sparse_mlp(0.0)
     decisions = choose_sparse_compute(model, torch.randn(1, 1, 28, 28), runs=10)
     assert not any(d.runs_sparse for d in decisions)
+    # below min_sparsity a layer is not even timed: dense by rule, whatever one timing might say
+    assert all(d.dense_us != d.dense_us and d.sparse_us != d.sparse_us for d in decisions)   # NaN
+    assert not any(isinstance(m, CsrLinear) for m in model.modules())
 
 
 def test_dsk_export_records_decisions_and_runner_applies_them(tmp_path, digits):

@@ -19,6 +19,15 @@ def test_unknown_model():
         load("resnet")
 
 
+def test_a_safetensors_file_not_written_by_deepshrink_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file(create("lenet-5").state_dict(), str(path))                # weights, but no architecture record
+    with pytest.raises(ModelLoadError, match="no 'deepshrink' metadata; save it with deepshrink.models.save_checkpoint"):
+        load(path)
+
+
 def test_checkpoint_round_trip_is_exact(tmp_path):
     model = create("lenet-5")
     path = save_checkpoint(model, tmp_path / "m.safetensors")

@@ -53,6 +53,16 @@ def test_constant_and_empty_streams_take_three_bytes():
     np.testing.assert_array_equal(entropy.decode(entropy.encode([5]), 4), [5, 5, 5, 5])
 
 
+def test_frequencies_sum_to_the_scale_and_the_remainder_goes_to_the_most_frequent():
+    from deepshrink.ops.rans import PROB_SCALE, quantise_frequencies
+
+    s = PROB_SCALE
+    freqs = quantise_frequencies(np.array([3, 5, 1]))
+    assert freqs.tolist() == [3 * s // 9, s - 3 * s // 9 - s // 9, s // 9]       # floors; the rest to symbol 1
+    lifted = quantise_frequencies(np.array([10**9, 1, 1]))                       # rare symbols lifted to 1
+    assert lifted.tolist() == [s - 2, 1, 1]
+
+
 def test_entropy_bits_matches_hand_computed_values():
     assert entropy.entropy_bits([0, 0, 1, 1]) == pytest.approx(4.0)
     assert entropy.entropy_bits([0, 0, 0, 1]) == pytest.approx(3 * math.log2(4 / 3) + 2)

@@ -44,6 +44,18 @@ def test_local_mask_prunes_each_tensor_exactly_with_per_name_sparsity():
     assert scores["b"][~masks["b"]].max() < scores["b"][masks["b"]].min()
 
 
+@pytest.mark.parametrize("sparsity, total, pruned", [
+    (0.29, 100, 29),   # 0.29 * 100 = 28.999999999999996: truncating would prune 28
+    (0.57, 100, 57),   # 56.99999999999999
+    (0.5, 7, 4),       # 3.5: the nearest, not the floor
+    (0.7, 5, 4),
+])
+def test_pruned_count_is_the_nearest_integer(sparsity, total, pruned):
+    scores = _scores(total, seed=5)
+    assert int((~global_mask({"w": scores}, sparsity)["w"]).sum()) == pruned
+    assert int((~local_mask({"w": scores}, sparsity)["w"]).sum()) == pruned
+
+
 def test_ties_are_pruned_in_index_order():
     masks = local_mask({"w": torch.zeros(2, 3)}, 0.5)
     assert masks["w"].tolist() == [[False, False, False], [True, True, True]]
@@ -70,6 +82,9 @@ def test_block_masks_are_whole_blocks_chosen_by_summed_score():
     scores = torch.tensor([[5.0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 0.5, 0.5, 0.5, 0.5]])
     mask = local_mask({"w": scores}, 0.5, block=Block(1, 4))["w"]
     assert mask.tolist() == [[True] * 4 + [False] * 4, [True] * 4 + [False] * 4]
+    # a block's score is its sum, not its largest entry: [0.9, 0, 0, 0] (0.9) goes before [0.5] * 4 (2.0)
+    spiky = torch.tensor([[0.9, 0, 0, 0, 0.5, 0.5, 0.5, 0.5]])
+    assert local_mask({"w": spiky}, 0.5, block=Block(1, 4))["w"].tolist() == [[False] * 4 + [True] * 4]
 
 
 def test_conv_block_masks_are_whole_blocks_with_exact_block_count():

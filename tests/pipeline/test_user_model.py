@@ -71,7 +71,7 @@ def test_bad_user_data_is_one_line_before_anything_runs(tmp_path):
 
 def test_a_fidelity_budget_without_labels_and_a_user_metric(tmp_path):
     stages = [{"quantize": {"scheme": "int8-budget", "max_drop_pt": 0.0, "max_fp32_layers": 1,
-                            "ptq": {"calibration_samples": 48}, "qat": {"epochs": 1, "batch_size": 8}}},
+                            "ptq": {"calibration_samples": 48}, "qat": {"train": {"epochs": 1, "lr": 1e-4, "batch_size": 8}}}},
               {"export": {"formats": ["onnx"], "baseline": False}},
               {"evaluate": {"latency_runs": 2, "warmup": 1, "metric": f"{FIXTURE}:mean_logit_shift"}}]
     logs = []

@@ -49,6 +49,14 @@ def test_gradient_taylor_and_magnitude_keep_different_weights():
     assert keep_one == {"magnitude": [[True, False, False]], "gradient": [[False, False, True]], "taylor": [[False, True, False]]}
 
 
+@pytest.mark.parametrize("norm, kept_row", [("l1", 1), ("l2", 0)])
+def test_magnitude_norm_decides_which_block_stays(norm, kept_row):
+    # one 1x4 block per row: sum |w| = 3 vs 4 keeps row 1; sum w^2 = 9 vs 4 keeps row 0
+    model = _linear([[3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    prune(model, MagnitudePruning(sparsity=0.5, pattern="1x4", norm=norm, layers=("0",)))
+    assert get_masks(model)["0.weight"].all(dim=1).tolist() == [kept_row == 0, kept_row == 1]
+
+
 def test_absolute_value_is_taken_per_batch_before_averaging():
     model = _linear([[1.0, 1.0]])
     batches = [(torch.tensor([[3.0, 1.0]]), torch.tensor([[1.0]])), (torch.tensor([[3.0, 1.0]]), torch.tensor([[-1.0]]))]

@@ -10,7 +10,7 @@ from deepshrink.core.errors import ConfigError
 from deepshrink.core.masks import get_masks
 from deepshrink.models.zoo import MLP
 from deepshrink.ops.masks import input_last
-from deepshrink.pruning import MagnitudePruning, finalize, prune
+from deepshrink.pruning import MagnitudePruning, finalize, prune, prune_report
 from deepshrink.training import TrainConfig, fit
 
 
@@ -25,7 +25,7 @@ def _zeros(model: nn.Module, layer: str) -> int:
 
 def test_global_scope_prunes_round_s_total_with_one_threshold():
     model = _mlp()
-    report = prune(model, MagnitudePruning(sparsity=0.7, scope="global"))
+    report = prune_report(prune(model, MagnitudePruning(sparsity=0.7, scope="global")))
     assert list(report.layers) == ["hidden.0", "hidden.1", "hidden.2"]  # classifier left dense
     total = 128 + 256 + 256
     assert sum(t - k for k, t in report.layers.values()) == round(0.7 * total) == 448
@@ -38,13 +38,13 @@ def test_global_scope_prunes_round_s_total_with_one_threshold():
 
 
 def test_local_scope_prunes_every_layer_exactly():
-    report = prune(_mlp(), MagnitudePruning(sparsity=0.7, scope="local"))
+    report = prune_report(prune(_mlp(), MagnitudePruning(sparsity=0.7, scope="local")))
     assert report.layers == {"hidden.0": (128 - 90, 128), "hidden.1": (256 - 179, 256), "hidden.2": (256 - 179, 256)}
 
 
 def test_group_shares_one_threshold_and_the_rest_follow_scope():
     model = _mlp()
-    report = prune(model, MagnitudePruning(sparsity=0.5, scope="local", groups={"re:hidden\\.[12]": 0.75}))
+    report = prune_report(prune(model, MagnitudePruning(sparsity=0.5, scope="local", groups={"re:hidden\\.[12]": 0.75})))
     assert report.layers["hidden.0"] == (64, 128)
     group_pruned = sum(t - k for n, (k, t) in report.layers.items() if n != "hidden.0")
     assert group_pruned == round(0.75 * 512) == 384
@@ -55,13 +55,13 @@ def test_group_shares_one_threshold_and_the_rest_follow_scope():
 
 
 def test_override_beats_group_beats_scope():
-    report = prune(_mlp(), MagnitudePruning(sparsity=0.1, groups={"re:hidden\\..*": 0.9}, overrides={"hidden.2": 0.25}))
+    report = prune_report(prune(_mlp(), MagnitudePruning(sparsity=0.1, groups={"re:hidden\\..*": 0.9}, overrides={"hidden.2": 0.25})))
     assert report.layers["hidden.2"] == (256 - 64, 256)
     assert sum(t - k for n, (k, t) in report.layers.items() if n != "hidden.2") == round(0.9 * 384) == 346
 
 
 def test_explicit_layers_include_the_classifier():
-    report = prune(_mlp(), MagnitudePruning(sparsity=0.5, layers=("classifier",)))
+    report = prune_report(prune(_mlp(), MagnitudePruning(sparsity=0.5, layers=("classifier",))))
     assert report.layers == {"classifier": (32, 64)}
 
 
@@ -96,28 +96,29 @@ def test_block_and_nm_patterns_reach_the_model():
 
 def test_masks_compose_and_a_lower_sparsity_revives_nothing():
     model = _mlp()
-    first = prune(model, MagnitudePruning(sparsity=0.5, scope="local"))
+    first = prune_report(prune(model, MagnitudePruning(sparsity=0.5, scope="local")))
     before = {n: m.clone() for n, m in get_masks(model).items()}
-    second = prune(model, MagnitudePruning(sparsity=0.8, scope="local"))
+    second = prune_report(prune(model, MagnitudePruning(sparsity=0.8, scope="local")))
     assert second.layers["hidden.1"] == (256 - round(0.8 * 256), 256)
     for n, m in get_masks(model).items():
         assert not bool((m & ~before[n]).any()), n  # every weight pruned before is still pruned
-    third = prune(model, MagnitudePruning(sparsity=0.2, scope="local"))
+    third = prune_report(prune(model, MagnitudePruning(sparsity=0.2, scope="local")))
     assert third.layers == second.layers and first.sparsity == 0.5
 
 
 def test_pruned_weights_stay_exactly_zero_through_fine_tuning(blobs):
     model = MLP(hidden=(16, 16), in_features=8, num_classes=4)
-    report = prune(model, MagnitudePruning(sparsity=0.8))
+    report = prune_report(prune(model, MagnitudePruning(sparsity=0.8)))
     masks = {n: m.clone() for n, m in get_masks(model).items()}
-    live_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    live_before = {n: model.get_submodule(n[: -len(".weight")]).weight.detach().clone() for n in masks}
     config = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-3, batch_size=32)
     fit(model, blobs, config, progress=False)
-    params = dict(model.named_parameters())
+    params = {n: model.get_submodule(n[: -len(".weight")]).weight for n in masks}   # as the model computes them
     for n, m in masks.items():
         assert bool((params[n][~m] == 0).all()), n
         assert not torch.equal(params[n][m], live_before[n][m]), n  # the kept weights did train
     assert sum(int((params[n] == 0).sum()) for n in masks) == round(0.8 * (128 + 256)) == 307
     assert report.sparsity == pytest.approx(307 / 384)
     finalize(model)
+    params = dict(model.named_parameters())   # plain names again: no parametrization left
     assert not get_masks(model) and int((params["hidden.0.weight"] == 0).sum()) == 128 - report.layers["hidden.0"][0]

@@ -17,13 +17,14 @@ from deepshrink.pruning import (
     predicted_drop,
     propose_sparsities,
     prune,
+    prune_report,
 )
 from deepshrink.training import accuracy
 
 
 def test_curves_match_pruning_one_layer_by_hand_and_the_model_is_restored(trained_mlp, blobs):
     state = copy.deepcopy(trained_mlp.state_dict())
-    result = layer_sensitivity(trained_mlp, blobs, (0.5, 0.9))
+    result = layer_sensitivity(trained_mlp, blobs, (0.5, 0.9), accuracy_fn=accuracy)
     assert result.sizes == {"hidden.0": 128, "hidden.1": 256}
     val = blobs.loader("val", batch_size=512)
     assert result.baseline == accuracy(trained_mlp, val)
@@ -40,13 +41,13 @@ def test_curves_match_pruning_one_layer_by_hand_and_the_model_is_restored(traine
 def test_taylor_curves_use_data_and_keep_earlier_masks(trained_mlp, blobs):
     prune(trained_mlp, MagnitudePruning(sparsity=0.3, scope="local"))
     masks = {n: m.clone() for n, m in get_masks(trained_mlp).items()}
-    result = layer_sensitivity(trained_mlp, blobs, (0.5,), criterion=TaylorPruning(batches=2, batch_size=32))
+    result = layer_sensitivity(trained_mlp, blobs, (0.5,), criterion=TaylorPruning(batches=2, batch_size=32), accuracy_fn=accuracy)
     assert set(result.accuracy) == {"hidden.0", "hidden.1"}
     assert all(torch.equal(get_masks(trained_mlp)[n], m) for n, m in masks.items())
     with pytest.raises(ConfigError, match=r"^criterion\.pattern: 2:4 fixes the sparsity"):
-        layer_sensitivity(trained_mlp, blobs, criterion=MagnitudePruning(pattern="2:4"))
+        layer_sensitivity(trained_mlp, blobs, criterion=MagnitudePruning(pattern="2:4"), accuracy_fn=accuracy)
     with pytest.raises(ConfigError, match=r"^sparsities: 1\.0 is outside \(0, 1\)"):
-        layer_sensitivity(trained_mlp, blobs, (0.5, 1.0))
+        layer_sensitivity(trained_mlp, blobs, (0.5, 1.0), accuracy_fn=accuracy)
 
 
 # baseline 0.9; a (100 weights) is free to 0.5 then costly, b (300 weights) degrades slowly
@@ -76,7 +77,7 @@ def test_proposal_errors():
 
 
 def test_proposal_feeds_overrides(trained_mlp, blobs):
-    curves = layer_sensitivity(trained_mlp, blobs, (0.5, 0.7, 0.9))
+    curves = layer_sensitivity(trained_mlp, blobs, (0.5, 0.7, 0.9), accuracy_fn=accuracy)
     proposal = propose_sparsities(curves, target_sparsity=0.75)
-    report = prune(trained_mlp, MagnitudePruning(scope="local", overrides=proposal))
+    report = prune_report(prune(trained_mlp, MagnitudePruning(scope="local", overrides=proposal)))
     assert report.sparsity == pytest.approx(0.75, abs=1 / 384)  # each layer rounds to whole weights

@@ -13,8 +13,8 @@ from deepshrink.data.splits import from_tensors
 from deepshrink.models.zoo import MLP
 from deepshrink.pipeline.recipe import parse_prune
 from deepshrink.pruning import (
-    Gradual, MagnitudePruning, VariationalDropout, kl_to_log_uniform, log_alpha, prune, prune_with_schedule,
-    variational_scores,
+    Gradual, MagnitudePruning, VariationalDropout, finalize, kl_to_log_uniform, log_alpha, prune, prune_report,
+    prune_with_schedule, variational_scores,
 )
 from deepshrink.pruning.variational import LOG_SIGMA2
 from deepshrink.training import TrainConfig, accuracy, fit
@@ -68,7 +68,7 @@ def test_log_alpha_is_log_variance_over_squared_weight_clipped():
 def test_learns_to_drop_the_weights_of_noise_inputs(noisy_inputs):
     model = _trained(noisy_inputs)
     dense_acc = accuracy(model, noisy_inputs.loader("test"))
-    report = prune(model, VD, data=noisy_inputs)
+    report = prune_report(prune(model, VD, data=noisy_inputs, train_fn=fit))
     mask = get_masks(model)["hidden.0.weight"]
     kept_informative = mask[:, :2].float().mean().item()
     kept_noise = mask[:, 2:].float().mean().item()
@@ -81,8 +81,8 @@ def test_learns_to_drop_the_weights_of_noise_inputs(noisy_inputs):
 def test_leaves_the_model_as_it_found_it_but_for_weights(noisy_inputs):
     model = _trained(noisy_inputs)
     keys = list(model.state_dict())
-    prune(model, VariationalDropout(train=TrainConfig(epochs=1, lr=1e-2, batch_size=64)), data=noisy_inputs)
-    assert list(model.state_dict()) == keys
+    prune(model, VariationalDropout(train=TrainConfig(epochs=1, lr=1e-2, batch_size=64)), data=noisy_inputs, train_fn=fit)
+    assert list(finalize(model).state_dict()) == keys   # the masks were all it added
     assert not any(hasattr(m, LOG_SIGMA2) or m._forward_hooks for m in model.modules())
     assert not model.training
 
@@ -91,9 +91,9 @@ def test_a_number_ranks_by_log_alpha_and_hits_it_exactly(noisy_inputs):
     config = VariationalDropout(sparsity=0.5, train=TrainConfig(epochs=2, lr=1e-2, batch_size=64), skip_classifier=False)
     reference = _trained(noisy_inputs)  # the same training (seeded) gives the scores prune ranks by
     weights = {n: p for n, p in reference.named_parameters() if n.endswith("weight")}
-    scores = torch.cat([s.reshape(-1) for s in variational_scores(reference, weights, config, noisy_inputs).values()])
+    scores = torch.cat([s.reshape(-1) for s in variational_scores(reference, weights, config, noisy_inputs, train_fn=fit).values()])
     model = _trained(noisy_inputs)
-    report = prune(model, config, data=noisy_inputs)
+    report = prune_report(prune(model, config, data=noisy_inputs, train_fn=fit))
     assert sum(t - k for k, t in report.layers.values()) == round(0.5 * (16 * 8 + 4 * 16)) == 96
     kept = torch.cat([m.reshape(-1) for m in get_masks(model).values()])
     assert scores[~kept].max() <= scores[kept].min()  # the lowest scores (highest log alpha) went

@@ -8,6 +8,7 @@ from torch import nn
 from deepshrink.core.targets import get_target
 from deepshrink.quantization import Int8QAT, activation_ranges, quantize
 from deepshrink.quantization.qat import finalize_qat, train_qat
+from deepshrink.training import TrainConfig, fit
 
 from .conftest import labelled_by
 
@@ -29,7 +30,8 @@ def trained(target: str):
     if target not in _TRAINED:
         model = make_depthwise()
         data = labelled_by(model, n=256, shape=(1, 8, 8))
-        fake_quant = train_qat(model, Int8QAT(epochs=2, lr=1e-3, batch_size=32), data, get_target(target), progress=False)
+        fake_quant = train_qat(model, Int8QAT(train=TrainConfig(epochs=2, lr=1e-3, batch_size=32)), data, get_target(target),
+                               train_fn=fit)
         _TRAINED[target] = model, data, fake_quant, finalize_qat(fake_quant)
     return _TRAINED[target]
 
@@ -73,7 +75,7 @@ def test_training_moves_the_copy_not_the_float_model(setup):
 def test_the_qat_scheme_runs_through_quantize():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
     data = labelled_by(model, n=128, shape=(1, 8, 8))
-    q = quantize(model, Int8QAT(epochs=1, lr=1e-4, batch_size=32), data=data)
+    q = quantize(model, Int8QAT(train=TrainConfig(epochs=1, lr=1e-4, batch_size=32)), data=data, train_fn=fit)
     info = q._deepshrink_quant
     assert info["scheme"] == "Int8QAT" and len(info["qat_val_accuracy"]) == 1 and info["qat_val_accuracy"][0] >= 0.9
     assert [r["layer"] for r in activation_ranges(q)] == ["input", "1", "3"]   # input, after the ReLU6, logits

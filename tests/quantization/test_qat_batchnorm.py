@@ -10,13 +10,15 @@ import torch
 from deepshrink.core.targets import get_target
 from deepshrink.quantization import Int8QAT
 from deepshrink.quantization.qat import finalize_qat, train_qat
+from deepshrink.training import TrainConfig, fit
 
 from .conftest import make_mobile
 from .test_qat import runtime_steps_off
 
 
 def test_batchnorm_qat_exports_and_matches_the_fake_quantized_model(mobile, mobile_data, tmp_path):
-    fake_quant = train_qat(mobile, Int8QAT(epochs=1, lr=1e-3, batch_size=32), mobile_data, get_target("xnnpack"), progress=False)
+    fake_quant = train_qat(mobile, Int8QAT(train=TrainConfig(epochs=1, lr=1e-3, batch_size=32)), mobile_data,
+                           get_target("xnnpack"), train_fn=fit)
     converted = finalize_qat(fake_quant)
     assert not [n for n in converted.graph.nodes if "batch_norm" in str(n.target)]   # folded
     x = torch.stack([mobile_data.test[i][0] for i in range(len(mobile_data.test))])

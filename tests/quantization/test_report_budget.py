@@ -7,6 +7,7 @@ from torch import nn
 
 from deepshrink.quantization import Int8QAT, Int8Static, layer_sqnr_report, quantize, quantize_within_budget
 from deepshrink.quantization.report import format_report
+from deepshrink.training import TrainConfig, accuracy, fit
 
 from .conftest import labelled_by
 
@@ -65,7 +66,7 @@ def test_an_input_channel_outlier_needs_equalization_not_per_channel_scales(setu
 
 def test_the_budget_search_falls_back_to_fp32_for_the_broken_layer(setup):
     model, data = setup
-    quantized, report = quantize_within_budget(model, data, max_drop_pt=2.0, ptq=PER_TENSOR)
+    quantized, report = quantize_within_budget(model, data, max_drop_pt=2.0, ptq=PER_TENSOR, train_fn=fit, accuracy_fn=accuracy)
     assert report.float_accuracy == 1.0
     assert [s.action for s in report.steps] == ["ptq", "fp32 fallback"] and report.met
     assert report.steps[0].drop_pt > 20 and report.final.fp32_layers == ("fc2",) and report.final.drop_pt <= 2.0
@@ -75,7 +76,8 @@ def test_the_budget_search_falls_back_to_fp32_for_the_broken_layer(setup):
 def test_the_budget_search_ends_with_qat_when_fallback_is_not_allowed(setup):
     model, data = setup
     _, report = quantize_within_budget(model, data, max_drop_pt=0.0, ptq=PER_TENSOR, max_fp32_layers=0,
-                                       qat=Int8QAT(epochs=1, per_channel=True, batch_size=64))
+                                       qat=Int8QAT(train=TrainConfig(epochs=1, lr=1e-4), per_channel=True),
+                                       train_fn=fit, accuracy_fn=accuracy)
     assert [s.action for s in report.steps] == ["ptq", "qat"]
     assert report.steps[1].accuracy > report.steps[0].accuracy
     assert report.met == (report.final.drop_pt <= 0.0)

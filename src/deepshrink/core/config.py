@@ -193,7 +193,9 @@ def _convert_dataclass(tp: type, value: Any, path: str) -> Any:
                           f"got {short_repr(value)}")
     hints = get_type_hints(tp)
     fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
-    problems = [f"{path}.{k}: unknown key; allowed keys: {', '.join(fields)}{did_you_mean(k, fields)}"
+    moved = getattr(tp, "MOVED_KEYS", {})   # keys of an earlier release: say where they went
+    problems = [_moved(tp, path, k, moved[k], value[k]) if k in moved else
+                f"{path}.{k}: unknown key; allowed keys: {', '.join(fields)}{did_you_mean(k, fields)}"
                 for k in value if k not in fields]
     kwargs, failed = {}, set()
     for name in fields:
@@ -227,6 +229,21 @@ def _convert_dataclass(tp: type, value: Any, path: str) -> Any:
     if problems:
         raise ConfigError(*_first_per_key(problems))
     return built
+
+
+def _moved(tp: type, path: str, key: str, new: str, value: Any) -> str:
+    head, _, tail = new.partition(".")
+    written = {tail: value}
+    # a block written out starts from its class's defaults, not from this config's default block: keep what differs
+    field = next((f for f in dataclasses.fields(tp) if f.name == head), None)
+    default = None if field is None else (field.default_factory() if field.default_factory is not dataclasses.MISSING
+                                          else field.default)
+    if dataclasses.is_dataclass(default):
+        plain = type(default)()
+        written = {**{f.name: to_dict(getattr(default, f.name)) for f in dataclasses.fields(default)
+                      if getattr(default, f.name) != getattr(plain, f.name)}, **written}
+    block = ", ".join(f"{k}: {short_repr(v)}" for k, v in written.items())
+    return f"{path}.{key}: moved to {new}; write {head}: {{{block}}}"
 
 
 def _first_per_key(problems: Iterable[str]) -> list[str]:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import struct
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,26 +54,64 @@ SOURCES = {
 }
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Decode one gzip-compressed IDX file (uint8 images ``[N, rows, cols]`` or labels ``[N]``)."""
+IMAGES, LABELS = 2051, 2049   # IDX magic: unsigned bytes, 3 dimensions / 1 dimension
+MAX_ITEMS = 10_000_000        # far above any IDX dataset: a larger count is a corrupted header
+MAX_SIDE = 1024
+
+
+def read_idx(path: Path, *, kind: int | None = None) -> np.ndarray:
+    """Decode one gzip-compressed IDX file (uint8 images ``[N, rows, cols]`` or labels ``[N]``).
+
+    ``kind``: ``IMAGES`` or ``LABELS``, what the file must hold. The header is read first and
+    bounds what is inflated (a gzip bomb stops there); a bad gzip or deflate stream, a truncated
+    or over-long payload, or the wrong kind of file is a ``DataError`` naming the file."""
+    fix = "re-download it or check --data-dir"
     try:
-        raw = gzip.open(path, "rb").read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable gzip IDX file ({err}); re-download it or check --data-dir") from None
-    if len(raw) < 8:
-        raise DataError(f"{path}: IDX file is truncated ({len(raw)} bytes)")
-    magic, n = struct.unpack(">II", raw[:8])
-    if magic == 2049:
-        header, shape = 8, (n,)
-    elif magic == 2051 and len(raw) >= 16:
-        rows, cols = struct.unpack(">II", raw[8:16])
-        header, shape = 16, (n, rows, cols)
-    else:
-        raise DataError(f"{path}: bad IDX magic {magic}; expected 2049 (labels) or 2051 (images)")
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataError(f"{path}: IDX payload has {len(raw)} bytes, header says {expected}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+        with gzip.open(path, "rb") as handle:
+            header = handle.read(8)
+            if len(header) < 8:
+                raise DataError(f"{path}: IDX file is truncated ({len(header)} bytes, the header alone is 8); {fix}")
+            magic, n = struct.unpack(">II", header)
+            if magic not in (IMAGES, LABELS):
+                raise DataError(f"{path}: bad IDX magic {magic}; expected {LABELS} (labels) or {IMAGES} (images); {fix}")
+            if kind is not None and magic != kind:
+                found, wanted = ("labels", "images") if magic == LABELS else ("images", "labels")
+                raise DataError(f"{path}: holds {found} (IDX magic {magic}) where {wanted} belong (magic {kind}): "
+                                f"are the image and label files swapped? {fix}")
+            shape: tuple[int, ...] = (n,)
+            if magic == IMAGES:
+                dims = handle.read(8)
+                if len(dims) < 8:
+                    raise DataError(f"{path}: IDX image header is truncated; {fix}")
+                shape = (n, *struct.unpack(">II", dims))
+            if n > MAX_ITEMS or any(d > MAX_SIDE for d in shape[1:]):
+                raise DataError(f"{path}: IDX header claims shape {list(shape)}, beyond any dataset "
+                                f"(at most {MAX_ITEMS} items of {MAX_SIDE}x{MAX_SIDE}); the file is corrupted; {fix}")
+            expected = int(np.prod(shape))
+            payload = handle.read(expected)
+            extra = handle.read(1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: not a readable gzip IDX file ({type(err).__name__}: {err}); {fix}") from None
+    if len(payload) != expected or extra:
+        what = f"{len(payload)} bytes" if len(payload) != expected else "more bytes"
+        raise DataError(f"{path}: IDX payload has {what}, header says {expected} ({list(shape)}); the file is "
+                        f"truncated or corrupted; {fix}")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+
+
+def check_split(images_path: Path, labels_path: Path, images: np.ndarray, labels: np.ndarray, *,
+                side: int, num_classes: int) -> None:
+    """``DataError`` unless images and labels pair up: same count, ``side x side`` pixels, labels in range."""
+    if images.shape[1:] != (side, side):
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, this dataset's are "
+                        f"{side}x{side}; the file belongs to another dataset or is corrupted")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels; "
+                        "the two files come from different downloads: re-download both")
+    if labels.size and int(labels.max()) >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise DataError(f"{labels_path}: label {int(labels[bad])} at index {bad} is outside the {num_classes} classes "
+                        f"0..{num_classes - 1}; the file is corrupted or from another dataset: re-download it")
 
 
 def candidate_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
@@ -102,7 +141,7 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, *, download: bo
     missing = [f for f in FILES if not (dirs[0] / f).is_file()]
     raise DataError(
         f"{name}: IDX files not found (looked in {tried}; missing {missing[0]}); "
-        f"pass --data-dir DIR holding {', '.join(FILES[:1])} etc., set DEEPSHRINK_DATA, or add --download"
+        f"pass data_dir=DIR (CLI: --data-dir DIR) holding {', '.join(FILES[:1])} etc., set DEEPSHRINK_DATA, or download=True (recipe: download: true)"
     )
 
 

@@ -42,11 +42,14 @@ def _idx_loader(name: str) -> Callable[..., DataSplits]:
         *, data_dir: str | os.PathLike | None = None, download: bool = False, seed: int = 0,
         calib_size: int = 512, image_size: int = 28, **_: object,
     ) -> DataSplits:
-        directory = idx.locate(name, data_dir, download=download)
-        arrays = {f: idx.read_idx(directory / f) for f in idx.FILES}
-        train_x, train_y, test_x, test_y = (arrays[f] for f in idx.FILES)
-        if image_size != 28:
+        if image_size != 28:   # before reading 50 MB
             raise DataError(f"{name}: image_size {image_size} is not supported; {name} images are 28x28")
+        directory = idx.locate(name, data_dir, download=download)
+        kinds = (idx.IMAGES, idx.LABELS, idx.IMAGES, idx.LABELS)   # the order of idx.FILES
+        arrays = {f: idx.read_idx(directory / f, kind=k) for f, k in zip(idx.FILES, kinds)}
+        train_x, train_y, test_x, test_y = (arrays[f] for f in idx.FILES)
+        for images, labels in (idx.FILES[:2], idx.FILES[2:]):   # every fault found now, not after minutes of training
+            idx.check_split(directory / images, directory / labels, arrays[images], arrays[labels], side=28, num_classes=10)
 
         def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             return _normalize(torch.from_numpy(images.astype(np.float32) / 255.0), name), torch.from_numpy(labels.astype(np.int64))

@@ -257,6 +257,12 @@ def from_samples(
         elif structure != reference[1]:
             raise DataError(f"data.{what} samples are {S.describe(structure)} but data.{reference[0]} samples are "
                             f"{S.describe(reference[1])}; all splits must feed the model the same way")
+    for what, ys in labels.items():
+        if resolved.get(what) is not None and len(ys) != len(resolved[what]):
+            raise DataError(f"labels[{what!r}]: {len(ys)} labels for {len(resolved[what])} samples; give one label per sample")
+        negative = next((i for i, y in enumerate(ys) if int(y) < 0), None)
+        if negative is not None:
+            raise DataError(f"labels[{what!r}][{negative}] is {int(ys[negative])}; class labels are 0, 1, 2, ...")
     labelled = "eval" in labels
     if labelled and any(s not in labels for s in ("calib", "train") if resolved[s] is not None):
         raise DataError("labels: with labels for eval, give them for calib (and train) too, or for none")
@@ -278,8 +284,23 @@ def from_samples(
     return DataSplits(
         name=name, train=train_split, val=val_split, test=sets["eval"], calib=sets["calib"],
         input_shape=tuple(first.shape), num_classes=num_classes, labelled=labelled,
-        fixed_shape=_fixed_shape(all_inputs), collate=collate, dynamic=varying or None,
+        fixed_shape=_fixed_shape(all_inputs), collate=_guarded_collate(collate) if collate else None,
+        dynamic=varying or None,
     )
+
+
+def _guarded_collate(fn: Callable) -> Callable:
+    """The user's collate function, its failure (even ``SystemExit``) one ``DataError``."""
+    def collate_with(items: list):
+        try:
+            return fn(items)
+        except BaseException as err:  # the user's function may raise anything
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            raise DataError(f"data.collate: {getattr(fn, '__name__', fn)!r} failed on a batch of {len(items)} samples: "
+                            f"{type(err).__name__}: {err}") from None
+
+    return collate_with
 
 
 def from_spec_functions(*, calib: Callable, eval: Callable, train: Callable | None = None, **options: Any) -> DataSplits:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepshrink.core.masks import has_masks
 from deepshrink.core import samples as S
 from deepshrink.core.cpu import cpu_info
 from deepshrink.core.graph import DynamicSpec
@@ -61,8 +62,8 @@ def export(
     and raises ``ParityError`` naming the figure, the tolerance, the CPU and the likely fix, and
     ``parity="warn"`` keeps it and records the failure. ``dynamic``: the dimensions that vary besides
     the batch, per input name or position (``{"input_ids": {1: (2, 128)}}``, see ``core.graph``);
-    ``static_batch``: batch fixed to 1 (the phone's case: one delegate call). ``macs``: the dense model's MACs, when the
-    module is a quantized graph that cannot count its own.
+    ``static_batch``: batch fixed to 1 (the phone's case: one delegate call). ``macs``: recorded instead of the
+    module's own count (``core.counting.count_macs``, which counts quantized graphs too).
     """
     path = Path(path)
     profile = get_target(target) if isinstance(target, str) else target
@@ -70,8 +71,8 @@ def export(
         raise ExportError(f"{path}: unknown export format {path.suffix!r}; use .pte (ExecuTorch/XNNPACK), .onnx or .dsk")
     if parity not in PARITY_MODES:
         raise ExportError(f"export: parity={parity!r} is not one of {', '.join(PARITY_MODES)}")
-    if getattr(model, "_deepshrink_masks", None):
-        raise ExportError("export: the model still carries pruning masks; call deepshrink.pruning.finalize(model) first")
+    if has_masks(model):
+        raise ExportError("export: the model still carries pruning masks; call deepshrink.finalize(model) first")
     quant_info = getattr(model, "_deepshrink_quant", None) or {}
     if dynamic is None:
         dynamic = quant_info.get("dynamic")   # a graph quantized with dynamic dimensions exports with them

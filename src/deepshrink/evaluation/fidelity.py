@@ -100,9 +100,13 @@ def fidelity(reference: Sequence[tuple], produced: Sequence[tuple], *, kind: str
     if metric is not None:
         try:
             extra = metric(list(reference), list(produced))
-        except Exception as err:  # the user's function may raise anything
+        except (Exception, SystemExit) as err:  # the user's function may raise anything, even call sys.exit()
             raise ConfigError(f"fidelity: the user metric failed: {type(err).__name__}: {err}") from None
         if not isinstance(extra, dict):
             raise ConfigError(f"fidelity: the user metric returned {type(extra).__name__}; return a dict of figures")
-        result["user"] = {str(k): float(v) for k, v in extra.items()}
+        try:
+            result["user"] = {str(k): float(v) for k, v in extra.items()}
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"fidelity: the user metric returned a figure that is not a number ({err}); "
+                              "return a dict of numbers") from None
     return result

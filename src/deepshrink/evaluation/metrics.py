@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deepshrink.core import samples as S
+from deepshrink.core.progress import progress
 from deepshrink.core.timing import time_calls
 from deepshrink.data.splits import NO_LABEL
 from deepshrink.evaluation.counting import count_macs, onnx_parameter_counts, parameter_counts
@@ -68,7 +69,7 @@ def eval_batches(dataset: Dataset, batch_size: int = 256) -> tuple[list, torch.T
 
 def run_outputs(runner, batches: list) -> list[tuple]:
     with torch.no_grad():
-        return [runner.predict_all(b) for b in batches]
+        return [runner.predict_all(b) for b in progress(batches, f"evaluating ({runner.runtime})")]
 
 
 def outputs_accuracy(outputs: list[tuple], labels: torch.Tensor) -> float | None:
@@ -133,18 +134,21 @@ def evaluate(
     fidelity: str | None = None,
     metric=None,
     code: str | None = None,
+    isolate: bool = True,
 ) -> Metrics:
     """Accuracy on ``test`` (when it has labels), fidelity to ``reference`` (the original model,
     when given: ``evaluation.fidelity``, ``fidelity`` overrides the kind, ``metric`` adds a user
     figure), counts, on-disk size and batch-1 latency of ``artifact``.
 
     ``artifact`` is a module (measured in eager PyTorch) or a ``.pte`` / ``.onnx`` / checkpoint
-    file (measured in ExecuTorch, ONNX Runtime, or eager PyTorch after a safe load).
+    file (measured in ExecuTorch, ONNX Runtime, or eager PyTorch after a safe load). ``isolate``: a
+    ``.pte`` / ``.onnx`` is first loaded and run once in a child process, so a corrupted file ends
+    as an ``ArtifactError`` rather than a crash of this process (``evaluation.isolation``).
     """
-    runner = open_runner(artifact, threads=threads, code=code)
+    runner = open_runner(artifact, threads=threads, code=code, isolate=isolate)
     reference_outputs = None
     if reference is not None:
-        reference_outputs = run_outputs(open_runner(reference, threads=threads), eval_batches(test)[0])
+        reference_outputs = run_outputs(open_runner(reference, threads=threads, isolate=isolate), eval_batches(test)[0])
     info = describe(artifact, runner, test, label=label, reference_outputs=reference_outputs, fidelity_kind=fidelity, metric=metric)
     x1 = S.stack([test[0][0]])
     times = measure_latency(runner.predict, x1, runs=latency_runs, warmup=warmup) if latency_runs else []

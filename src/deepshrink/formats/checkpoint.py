@@ -39,6 +39,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if raw_meta is None:
         raise ArtifactError(f"{path}: safetensors file has no '{META_KEY}' metadata; save it with deepshrink.models.save_checkpoint")
     try:
-        return tensors, json.loads(raw_meta)
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path}: checkpoint metadata is not valid JSON ({err})") from None
+        meta = json.loads(raw_meta)
+    except (ValueError, RecursionError) as err:
+        raise ArtifactError(f"{path}: checkpoint metadata '{META_KEY}' is not valid JSON ({str(err)[:120]})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: checkpoint metadata '{META_KEY}' must be a JSON object, got a {type(meta).__name__}; "
+                            "save the model again with deepshrink.models.save_checkpoint")
+    if not isinstance(meta.get("arch", {}), dict):
+        raise ArtifactError(f"{path}: checkpoint metadata '{META_KEY}.arch' must be an object saying how to rebuild the "
+                            f"model, got a {type(meta['arch']).__name__}; save the model again with deepshrink.models.save_checkpoint")
+    return tensors, meta

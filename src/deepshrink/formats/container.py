@@ -21,7 +21,10 @@ the order and their lengths must add up to P. Decoding runs no code from the fil
 numpy buffers only), checks the length fields against the file size and the checksum before
 inflating or parsing, inflates a compressed header to at most ``MAX_HEADER_BYTES`` (a complete
 stream with nothing after it, or the file is refused), and refuses more than ``max_elements``
-decoded elements in total.
+decoded elements in total, and tensors larger in all than the file can honestly hold: entropy-coded
+positions and indices may describe any number of elements in a few bytes (a constant stream is 3
+bytes), so the decoded bytes are capped at ``MAX_EXPANSION`` times the file size, or
+``MIN_DECODED_CAP`` for small files — checked from the header, before anything is allocated.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ from deepshrink.formats import sparse
 from deepshrink.formats.records import RecordKind, TensorRecord, record_for
 from deepshrink.ops import entropy
 
-__all__ = ["MAGIC", "VERSION", "FLAG_DEFLATE_HEADER", "MAX_HEADER_BYTES", "DEFAULT_MAX_ELEMENTS",
+__all__ = ["MAGIC", "VERSION", "FLAG_DEFLATE_HEADER", "MAX_HEADER_BYTES", "DEFAULT_MAX_ELEMENTS", "MAX_EXPANSION",
+           "MIN_DECODED_CAP", "decoded_cap",
            "RecordKind", "TensorRecord", "record_for", "encode_records", "decode_bytes", "write_container",
            "read_container", "size_breakdown"]
 
@@ -51,6 +55,11 @@ FLAG_DEFLATE_HEADER = 1  # flags bit 0: the header is raw-DEFLATE-compressed JSO
 _KNOWN_FLAGS = FLAG_DEFLATE_HEADER
 MAX_HEADER_BYTES = 64 * 2**20  # a compressed header inflates to at most this (a deflate bomb stops here)
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of float32: far above any mobile model
+# decoded tensor bytes per file byte. Real files decode to 1-200x their size (dense: 1x; the
+# bench's Deep Compression files 58-80x, its variational-dropout LeNet-5 180x); a crafted
+# 262-byte file claiming 1 GiB would be 4,000,000x
+MAX_EXPANSION = 512
+MIN_DECODED_CAP = 64 * 2**20  # what any file may decode to (a small, heavily pruned model)
 _PREAMBLE = struct.Struct("<8sHHIQ")
 _CRC = struct.Struct("<I")
 _JSON = dict(separators=(",", ":"), allow_nan=False)
@@ -96,9 +105,12 @@ def encode_records(records: Records, metadata: Mapping[str, Any] | None = None, 
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_bytes(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors by name in file order, metadata) from ``.dsk`` bytes; ``ArtifactError`` if invalid."""
-    records, _, _, metadata = _decode_records(data, max_elements)
+def decode_bytes(data: bytes, *, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                 max_decoded_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors by name in file order, metadata) from ``.dsk`` bytes; ``ArtifactError`` if invalid.
+
+    ``max_decoded_bytes``: the most the tensors may take decoded (default: ``decoded_cap(len(data))``)."""
+    records, _, _, metadata = _decode_records(data, max_elements, max_decoded_bytes)
     return {r.name: r.to_tensor() for r in records}, metadata
 
 
@@ -108,10 +120,19 @@ def write_container(path: str | os.PathLike, records: Records,
     return atomic_write_bytes(path, encode_records(records, metadata))
 
 
-def read_container(path: str | os.PathLike, *,
-                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, metadata) from a ``.dsk`` file; ``ArtifactError`` if unreadable or invalid."""
-    return decode_bytes(_read(path), max_elements=max_elements)
+def read_container(path: str | os.PathLike, *, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   max_decoded_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) from a ``.dsk`` file; ``ArtifactError`` (naming the file) if unreadable or invalid."""
+    data = _read(path)
+    try:
+        return decode_bytes(data, max_elements=max_elements, max_decoded_bytes=max_decoded_bytes)
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}") from None
+
+
+def decoded_cap(file_bytes: int) -> int:
+    """The most a ``.dsk`` file of ``file_bytes`` may decode to unless the caller says otherwise."""
+    return max(MIN_DECODED_CAP, MAX_EXPANSION * file_bytes)
 
 
 def size_breakdown(path_or_bytes: str | os.PathLike | bytes, *,
@@ -131,7 +152,8 @@ def size_breakdown(path_or_bytes: str | os.PathLike | bytes, *,
     """
     data = bytes(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else _read(path_or_bytes)
     headers, metadata, payload, plain_len = _parse(data)
-    records, stream_sets, header_list, _ = _decode_parsed(headers, metadata, payload, max_elements)
+    records, stream_sets, header_list, _ = _decode_parsed(headers, metadata, payload, max_elements,
+                                                          decoded_cap(len(data)))
     entry_lens = [len(json.dumps(fields, **_JSON)) + 1 for fields in header_list]  # + its separating comma
     _, _, flags, stored_len, _ = _PREAMBLE.unpack_from(data)
     if flags & FLAG_DEFLATE_HEADER:
@@ -230,19 +252,25 @@ def _inflate_header(packed: bytes) -> bytes:
     return text
 
 
-def _decode_records(data: bytes, max_elements: int) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]],
-                                                             list, dict]:
+def _decode_records(data: bytes, max_elements: int, max_bytes: int | None = None
+                    ) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]], list, dict]:
     """(records, their streams by role, their header entries, metadata)."""
-    return _decode_parsed(*_parse(data)[:3], max_elements)
+    return _decode_parsed(*_parse(data)[:3], max_elements, decoded_cap(len(data)) if max_bytes is None else max_bytes)
 
 
-def _decode_parsed(headers: list, metadata: dict, payload: bytes,
-                   max_elements: int) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]], list, dict]:
+def _decode_parsed(headers: list, metadata: dict, payload: bytes, max_elements: int,
+                   max_bytes: int) -> tuple[list[rec.TensorRecord], list[dict[str, bytes]], list, dict]:
+    claimed = 0
+    for i, fields in enumerate(headers):   # every size claim checked before anything is decoded
+        claimed += rec.decoded_bytes(fields, where=_where(i, fields), max_elements=max_elements)
+    if claimed > max_bytes:
+        raise ArtifactError(f"the records claim {claimed} bytes of decoded tensors, more than this file can honestly "
+                            f"hold (at most {max_bytes}: {MAX_EXPANSION}x its size, or {MIN_DECODED_CAP >> 20} MiB): "
+                            "the file is corrupted or crafted (pass max_decoded_bytes if it is trusted)")
     records, stream_sets, names = [], [], set()
     offset, budget = 0, max_elements
     for i, fields in enumerate(headers):
-        where = f"record {i}" + (f" ({fields['name']!r:.80})" if isinstance(fields, dict)
-                                 and isinstance(fields.get("name"), str) else "")
+        where = _where(i, fields)
         streams = _streams(fields, payload, offset, where)
         offset += sum(len(b) for b in streams.values())
         r = rec.decode_record(fields, streams, where=where, max_elements=budget)
@@ -255,6 +283,11 @@ def _decode_parsed(headers: list, metadata: dict, payload: bytes,
     if offset != len(payload):
         raise ArtifactError(f"the records' streams cover {offset} bytes, the payload has {len(payload)}")
     return records, stream_sets, headers, metadata
+
+
+def _where(i: int, fields: Any) -> str:
+    return f"record {i}" + (f" ({fields['name']!r:.80})" if isinstance(fields, dict)
+                            and isinstance(fields.get("name"), str) else "")
 
 
 def _streams(fields: Any, payload: bytes, offset: int, where: str) -> dict[str, bytes]:

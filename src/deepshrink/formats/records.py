@@ -193,6 +193,15 @@ def decode_record(fields: Any, streams: Mapping[str, bytes], *, where: str,
         raise ArtifactError(f"{where}: {err}") from None
 
 
+def decoded_bytes(fields: Any, *, where: str, max_elements: int) -> int:
+    """Bytes the record's tensor takes once decoded, from its checked header alone."""
+    try:
+        _, numel = _check_fields(fields, max_elements)
+    except ArtifactError as err:
+        raise ArtifactError(f"{where}: {err}") from None
+    return numel * np.dtype(DTYPES[fields["dtype"]][1]).itemsize
+
+
 def _check_fields(fields: Any, max_elements: int) -> tuple[RecordKind, int]:
     """Type- and range-check a record header before anything is allocated from it."""
     if not isinstance(fields, dict):

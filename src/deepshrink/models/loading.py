@@ -161,9 +161,18 @@ def build_from_arch(arch: dict, *, where: str, code: str | None = None) -> nn.Mo
     if not isinstance(kwargs, dict):
         raise ModelLoadError(f"model: {where} records arguments of the wrong type ({type(kwargs).__name__})")
     if "outputs" in arch and "inner" in arch:   # a model wrapped to return the named outputs
-        return select_outputs(build_from_arch(arch["inner"], where=where, code=code), arch["outputs"])
+        outputs = arch["outputs"]
+        if not isinstance(outputs, list) or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in outputs):
+            raise ModelLoadError(f"model: {where} records 'outputs' of the wrong type; it must be a list of names or positions")
+        return select_outputs(build_from_arch(arch["inner"], where=where, code=code), outputs)
     if "zoo" in arch:
-        return create(arch["zoo"], **kwargs)
+        if not isinstance(arch["zoo"], str):
+            raise ModelLoadError(f"model: {where} records a zoo model name of the wrong type "
+                                 f"({type(arch['zoo']).__name__}); choose one of {', '.join(ZOO)}")
+        try:
+            return create(arch["zoo"], **kwargs)
+        except ModelLoadError as err:   # say which file recorded the name or arguments
+            raise ModelLoadError(f"model: {where}: {str(err).removeprefix('model: ')}") from None
     if "file" in arch and "class" in arch:
         name, file_name = str(arch["class"]), Path(str(arch["file"])).name
         if code is None:
@@ -174,6 +183,34 @@ def build_from_arch(arch: dict, *, where: str, code: str | None = None) -> nn.Mo
             raise ModelLoadError(f"model: {where} was built by {name!r} from {file_name}, but the code named is {code!r}")
         return load_user_class(code, **kwargs)
     raise ModelLoadError(f"model: {where} does not say how to rebuild its architecture")
+
+
+def check_fits_weights(arch: Any, tensors: dict, *, where: str) -> None:
+    """``ModelLoadError`` unless the zoo model ``arch`` describes has exactly the file's tensor
+    names and shapes — checked on the meta device (no memory), so a file whose metadata asks for
+    a huge model is refused before anything is allocated. The user's own code is not run here."""
+    if not _zoo_only(arch):
+        return
+    with torch.device("meta"):
+        skeleton = build_from_arch(arch, where=where)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected == got:
+        return
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ModelLoadError(f"model: weights in {where} do not fit {arch}: "
+                             + (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}")
+                             + f" ({len(missing)} missing, {len(extra)} unexpected)")
+    name = next(k for k in expected if expected[k] != got[k])
+    raise ModelLoadError(f"model: weights in {where} do not fit {arch}: {name!r} is {list(got[name])} in the file, "
+                         f"the model has {list(expected[name])}")
+
+
+def _zoo_only(arch: Any) -> bool:
+    while isinstance(arch, dict) and "inner" in arch:
+        arch = arch["inner"]
+    return isinstance(arch, dict) and "zoo" in arch
 
 
 def load_checkpoint(path: str | os.PathLike, *, code: str | None = None) -> nn.Module:
@@ -191,25 +228,43 @@ def load_checkpoint(path: str | os.PathLike, *, code: str | None = None) -> nn.M
         module.recompile()
         return module
     if path.suffix not in (".safetensors", ".dsk"):
-        raise ModelLoadError(f"model: {path.suffix} checkpoints are not loaded (pickle runs code); use .safetensors, .dsk or .pt2")
+        raise ModelLoadError(f"model: {path}: {unsupported_suffix(path.suffix)}; checkpoints load from .safetensors, .dsk or .pt2")
     try:
         if path.suffix == ".dsk":
             from deepshrink.formats.container import read_container
 
             tensors, meta = read_container(path)  # codebooks and sparse positions decode to dense tensors
-            if meta.get("format") in DSK_LAYOUTS:
+            layout = meta.get("format")
+            if layout is not None and not (isinstance(layout, str) and layout in DSK_LAYOUTS):
+                raise ModelLoadError(f"model: {path}: metadata 'format' {json.dumps(layout)[:60]} is not a .dsk layout "
+                                     f"this deepshrink reads (none, or {', '.join(DSK_LAYOUTS)}); upgrade deepshrink or "
+                                     "save the model again")
+            if layout is not None:
                 return importlib.import_module(DSK_LAYOUTS[meta["format"]]).load_compressed(path, code=code)
         else:
             tensors, meta = read_checkpoint(path)
     except ArtifactError as err:
         raise ModelLoadError(f"model: {err}") from None
     arch = meta.get("arch") or {}
+    check_fits_weights(arch, tensors, where=str(path))
     model = build_from_arch(arch, where=str(path), code=code)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise ModelLoadError(f"model: weights in {path} do not fit {arch}: {str(err).splitlines()[0]}") from None
     return model
+
+
+# pickled PyTorch files: loading one runs whatever code its author put in it
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def unsupported_suffix(suffix: str) -> str:
+    """Why a file of this suffix is not loaded, in words."""
+    if suffix in PICKLE_SUFFIXES:
+        return (f"{suffix} checkpoints are not loaded (pickle runs code): a {suffix} file is a pickle, and unpickling "
+                "runs code from the file; save the weights with deepshrink.models.save_checkpoint (.safetensors)")
+    return f"{suffix} files are not a format deepshrink reads" if suffix else "a file without a suffix is not a format deepshrink reads"
 
 
 def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:

@@ -62,7 +62,7 @@ def create(name: str, **kwargs: object) -> nn.Module:
         raise ModelLoadError(f"model: unknown model {name!r}; choose one of {', '.join(ZOO)}, or give path/to/file.py:ClassName or a checkpoint")
     try:
         model = ZOO[name](**dict(kwargs))
-    except TypeError as err:
+    except (TypeError, ValueError, RuntimeError) as err:   # a wrong type, a negative or absurd size
         raise ModelLoadError(f"model: bad arguments for {name!r}: {err}") from None
     set_arch(model, {"zoo": name, "kwargs": dict(kwargs)})
     return model

@@ -33,26 +33,15 @@ from deepshrink.core.config import check, did_you_mean, from_dict, short_repr, t
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
 from deepshrink.pipeline.recipe_checks import (
-    check_model, check_user_data, checkpoint_problems, order_problems, schedule_problems, seed_problems,
+    check_model, check_user_data, checkpoint_problems, device_problems, order_problems, schedule_problems, seed_problems,
 )
-from deepshrink.pruning import (
-    Gradual, GradientPruning, Iterative, MagnitudePruning, OneShot, RandomPruning, TaylorPruning, VariationalDropout,
-)
-from deepshrink.pruning.structured import ChannelPruning
-from deepshrink.quantization import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
-from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT
-from deepshrink.training import TrainConfig
+from deepshrink.core.loops import TrainConfig
+from deepshrink.pruning import PRUNERS, SCHEDULES, ChannelPruning
+from deepshrink.quantization import QUANTIZERS
 
-PRUNE_METHODS: dict[str, type] = {
-    "magnitude": MagnitudePruning, "gradient": GradientPruning, "taylor": TaylorPruning, "random": RandomPruning,
-    "variational": VariationalDropout,  # sparse variational dropout: learns which weights (and how many) to drop
-    "channels": ChannelPruning,  # structured: removes whole channels, the model gets physically smaller
-}
-SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}
-QUANT_SCHEMES: dict[str, type] = {
-    "int8-static": Int8Static, "int8-dynamic": Int8Dynamic, "int8-qat": Int8QAT, "int8-budget": Int8WithinBudget,
-    "weight-only": WeightOnly, "weight-qat": WeightQAT, "codebook": Codebook,
-}
+# A prune stage's ``method:`` and a quantize stage's ``scheme:`` are the names their configs are
+# registered under (``prune`` / ``quantize`` registries): a config registered with a name is in
+# recipes at once. The schedules' names live beside them (``pruning.schedules.SCHEDULES``).
 
 
 MAX_IMAGE_SIZE = 4096     # a side beyond this is a typo that would allocate gigabytes per batch
@@ -208,11 +197,12 @@ STAGES: dict[str, type | None] = {
 class Stage:
     kind: str
     config: Any
+    device: str | None = None   # where a stage that trains trains: cpu | cuda | auto (None: the CPU)
 
     def as_dict(self) -> dict:
         body = to_dict(self.config)
         if self.kind == "prune":
-            body = {"method": _name_of(PRUNE_METHODS, self.config.pruning), **to_dict(self.config.pruning)}
+            body = {"method": PRUNERS.name_of(self.config.pruning), **to_dict(self.config.pruning)}
             if self.config.schedule is not None:
                 body["schedule"] = {_name_of(SCHEDULES, self.config.schedule): to_dict(self.config.schedule)}
             if self.config.retrain is not None:
@@ -222,7 +212,9 @@ class Stage:
             if self.config.remove_dead:
                 body["remove_dead"] = True
         elif self.kind == "quantize":
-            body = {"scheme": _name_of(QUANT_SCHEMES, self.config), **body}
+            body = {"scheme": QUANTIZERS.name_of(self.config), **body}
+        if self.device is not None:
+            body["device"] = self.device
         return {self.kind: body}
 
 
@@ -251,8 +243,12 @@ class Recipe:
         }
 
     def fingerprint(self) -> str:
-        """Hash of the validated recipe: a resumed run must continue the same recipe."""
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the validated recipe: a resumed run must continue the same recipe (on any device:
+        a run killed on a GPU machine may finish on a CPU one)."""
+        body = self.as_dict()
+        body["stages"] = [{kind: {k: v for k, v in options.items() if k != "device"}}
+                          for stage in body["stages"] for kind, options in stage.items()]
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _name_of(table: dict[str, type], config: object) -> str:
@@ -292,6 +288,20 @@ def _kind_of(item: Any) -> str | None:
 
 
 def parse_stage(item: Any, path: str) -> Stage:
+    """One stage; ``device:`` (a stage that trains) is read here, the rest by the stage's config."""
+    body = next(iter(item.values())) if isinstance(item, dict) and len(item) == 1 else None
+    if not isinstance(body, dict) or "device" not in body:
+        return _parse_config(item, path)
+    kind = next(iter(item))
+    options = dict(body)
+    device = options.pop("device")
+    problems = device_problems(kind, device, f"{path}.{kind}") if kind in STAGES else []
+    stage = _collect(problems, _parse_config, {kind: options}, path)
+    _raise_if(problems)
+    return Stage(stage.kind, stage.config, device)
+
+
+def _parse_config(item: Any, path: str) -> Stage:
     if not isinstance(item, dict) or len(item) != 1:
         raise ConfigError(f"{path}: a stage is a mapping with one key, one of {', '.join(STAGES)}; got {short_repr(item)}")
     kind, body = next(iter(item.items()))
@@ -304,7 +314,7 @@ def parse_stage(item: Any, path: str) -> Stage:
     if kind == "prune":
         return Stage(kind, parse_prune(body, stage_path))
     elif kind == "quantize":
-        klass, body = _pick(QUANT_SCHEMES, "scheme", body, stage_path)
+        klass, body = _pick(QUANTIZERS.names(), "scheme", body, stage_path)
     else:
         klass = STAGES[kind]
     return Stage(kind, from_dict(klass, body, stage_path))
@@ -318,7 +328,7 @@ def parse_prune(body: dict, path: str) -> PruneStage:
     remove_dead = body.pop("remove_dead", False)
     if not isinstance(remove_dead, bool):
         problems.append(f"{path}.remove_dead: expected true or false, got {short_repr(remove_dead)}")
-    picked = _collect(problems, _pick, PRUNE_METHODS, "method", body, path)
+    picked = _collect(problems, _pick, PRUNERS.names(), "method", body, path)
     pruning = None if picked is None else _collect(problems, from_dict, picked[0], picked[1], path)
     schedule = None
     if schedule_raw is not None:
@@ -337,6 +347,9 @@ def parse_prune(body: dict, path: str) -> PruneStage:
     if picked is not None and picked[0] is ChannelPruning and (schedule_raw is not None or sensitivity_raw is not None or remove_dead):
         problems.append(f"{path}: method 'channels' prunes in its own `steps` (with `retrain` between) and "
                         "leaves no dead channel; remove schedule/sensitivity/remove_dead")
+    elif isinstance(pruning, ChannelPruning) and pruning.train is not None and retrain_raw is not None:
+        problems.append(f"{path}.retrain: method 'channels' trains between its steps with `train` or `retrain`; "
+                        "give one of them")
     elif schedule_raw is not None and retrain_raw is None:
         problems.append(f"{path}.retrain: a schedule needs retrain epochs between prunes, e.g. retrain: {{epochs: 10, lr: 0.0005}}")
     elif pruning is not None and schedule is not None and retrain is not None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from deepshrink.training import TrainConfig
 
 CHECKPOINTS = (".safetensors", ".dsk", ".pt2")
+TRAINING_KINDS = ("train", "finetune", "prune", "quantize")   # the stages that may train, and take a device
 SEED_RANGE = (0, 2**63)   # torch.manual_seed takes any int64; negatives are never meant
 
 
@@ -70,6 +71,63 @@ def seed_problems(recipe: Recipe, stages: list[Stage | None]) -> list[str]:
     lo, hi = SEED_RANGE
     return [f"{path}: {value} is outside [0, 2^63); use a small non-negative integer, e.g. 0"
             for path, value in found if not lo <= value < hi]
+
+
+def device_problems(kind: Any, device: Any, path: str) -> list[str]:
+    """A stage's ``device:``: only where it trains, one of cpu | cuda | auto, CUDA only where there is one."""
+    from deepshrink.training.distributed import DEVICES
+
+    if kind not in TRAINING_KINDS:
+        return [f"{path}.device: only stages that train take a device ({', '.join(TRAINING_KINDS)}); "
+                f"{kind} runs on the CPU: remove device"]
+    if not isinstance(device, str) or device not in DEVICES:
+        return [f"{path}.device: {short_repr(device)} is not one of {', '.join(DEVICES)}"
+                + (did_you_mean(device, DEVICES) if isinstance(device, str) else "")]
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return [f"{path}.device: 'cuda' but torch finds no CUDA device here (torch.cuda.is_available() is False); "
+                "use cpu, or auto (CUDA when present)"]
+    return []
+
+
+def stage_trains(stage: Stage) -> bool:
+    """Whether a stage runs a training loop (every process of a distributed run takes part):
+    train and finetune; prune with retraining or learned sparsity; quantize with QAT or fine-tuning."""
+    if stage.kind in ("train", "finetune"):
+        return True
+    return stage.kind in TRAINING_KINDS and any(True for _ in _trainings(stage.config, ""))
+
+
+def training_batch_problems(stages: Any, world_size: int) -> list[str]:
+    """Every training batch size of ``stages`` must split evenly over ``world_size`` processes."""
+    from deepshrink.training.distributed import batch_message
+
+    if world_size <= 1:
+        return []
+    problems = []
+    for i, stage in enumerate(stages):
+        if stage is None or not stage_trains(stage):
+            continue
+        for path, config in _trainings(stage.config, f"stages[{i}].{stage.kind}", whole=stage.kind in ("train", "finetune")):
+            batch = getattr(config, "batch_size", None)
+            if isinstance(batch, int) and batch % world_size:
+                problems.append(f"{path}.batch_size: {batch_message(batch, world_size)}")
+    return problems
+
+
+def _trainings(config: Any, path: str, *, whole: bool = False):
+    """``(path, config)`` of each training inside ``config``: a ``TrainConfig`` (or a config with
+    ``epochs`` / ``finetune_epochs``) of at least one epoch. ``fit`` without epochs joins no
+    collective, so a stage whose trainings have none runs on rank 0 alone."""
+    if not dataclasses.is_dataclass(config):
+        return
+    if whole or any(isinstance(getattr(config, f, None), int) and not isinstance(getattr(config, f), bool)
+                    and getattr(config, f) > 0 for f in ("epochs", "finetune_epochs")):
+        yield path, config
+    for f in dataclasses.fields(config):
+        # a prune stage's criterion options sit at the stage's own level
+        yield from _trainings(getattr(config, f.name), path if f.name == "pruning" else f"{path}.{f.name}")
 
 
 def check_model(spec: str) -> None:

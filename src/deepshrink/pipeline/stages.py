@@ -1,6 +1,8 @@
 """One handler per recipe stage: ``(state, config, ctx) -> summary``. Each calls the public verbs."""
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
 from typing import Callable
 
 from deepshrink.core.masks import get_masks
@@ -13,8 +15,8 @@ from deepshrink.models.loading import load_checkpoint
 from deepshrink.pipeline.metrics_doc import build_metrics, write_metrics
 from deepshrink.pipeline.recipe import EvaluateStage, ExportStage, LoadStage, PruneStage, Recipe, ReportStage
 from deepshrink.pipeline.state import RunState
-from deepshrink.pruning import finalize, layer_sensitivity, predicted_drop, propose_sparsities, prune, prune_with_schedule
-from deepshrink.pruning.structured import ChannelPruning, prune_channels
+from deepshrink.pruning import (ChannelPruning, ScheduledPruning, finalize, layer_sensitivity, predicted_drop,
+                                propose_sparsities, prune, prune_report)
 from deepshrink.pruning.structured.dead import remove_dead_channels
 from deepshrink.quantization import quantize
 from deepshrink.quantization.lowbit import quantized_weights
@@ -37,7 +39,12 @@ def _score_name(ctx) -> str:
 
 
 def _test_accuracy(model, ctx, state: RunState | None = None) -> float:
-    """Test accuracy with labels; without, top-1 agreement with the fp32 baseline (fidelity)."""
+    """Test accuracy with labels; without, top-1 agreement with the fp32 baseline (fidelity).
+    Rank 0's alone in a distributed run (the others' summaries are not kept): NaN on the others."""
+    from deepshrink.training.distributed import is_main
+
+    if not is_main():
+        return float("nan")
     reference = state.baseline if state is not None and state.baseline is not None else model
     return accuracy(model, ctx.data.loader("test", batch_size=512), reference=reference)
 
@@ -49,18 +56,55 @@ def _baseline(state: RunState, ctx) -> None:
         try:
             state.baseline_macs = count_macs(state.baseline, ctx.example_batch(1))
         except (RuntimeError, TypeError, ValueError, IndexError) as err:   # the model cannot take the data's samples
-            from deepshrink.core import samples as S
-            from deepshrink.core.errors import DataError
+            raise _does_not_fit(state.model, ctx, err) from None
 
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(f"model and data do not fit: {type(state.model).__name__} cannot run a sample of "
-                            f"{ctx.data.name} ({S.describe(ctx.data.test[0][0])}, shapes {list(S.shapes(ctx.data.test[0][0]))}): "
-                            f"{type(err).__name__}: {first}") from None
+
+def check_fits(model, ctx) -> None:
+    """One forward of a real sample before the first stage: a model that cannot take the data (or
+    whose code calls ``sys.exit``) fails here in one line, not inside a stage minutes into training."""
+    import torch
+
+    from deepshrink.core import samples as S
+    from deepshrink.core.errors import ModelLoadError
+
+    training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:   # an exported program's module has no train/eval switch
+        pass
+    try:
+        with torch.no_grad():
+            S.call(model, ctx.example_batch(2))
+    except (RuntimeError, TypeError, IndexError) as err:   # what torch raises for shapes that do not fit
+        raise _does_not_fit(model, ctx, err) from None
+    except SystemExit as err:   # the user's code must not end the run without a word
+        raise ModelLoadError(f"model: {type(model).__name__}.forward called sys.exit({err.code!r}) on a sample of "
+                             f"{ctx.data.name}; a model must raise an exception instead") from None
+    finally:
+        try:
+            model.train(training)
+        except NotImplementedError:
+            pass
+
+
+def _does_not_fit(model, ctx, err: BaseException):
+    from deepshrink.core import samples as S
+    from deepshrink.core.errors import DataError
+
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DataError(f"model and data do not fit: {type(model).__name__} cannot run a sample of "
+                     f"{ctx.data.name} ({S.describe(ctx.data.test[0][0])}, shapes {list(S.shapes(ctx.data.test[0][0]))}): "
+                     f"{type(err).__name__}: {first}")
 
 
 def _teacher(state: RunState, config: TrainConfig | None):
     """The dense baseline when ``config`` distils, else None."""
     return state.baseline if config is not None and config.distill is not None else None
+
+
+def _train_fn(ctx):
+    """The loop the transforms that train are handed: ``fit`` (they never import it themselves)."""
+    return functools.partial(fit, progress=ctx.progress)
 
 
 def _fit_resumable(state: RunState, config: TrainConfig, ctx, name: str, teacher=None):
@@ -92,12 +136,13 @@ def _load(state: RunState, config: LoadStage, ctx) -> dict:
     return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"{_score_name(ctx)} {acc:.2%}"}
 
 
-def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict]:
+def _sensitivity(state: RunState, stage: PruneStage, data, ctx) -> tuple[object, dict]:
     """The pruning config with per-layer sparsities proposed from measured sensitivity curves."""
     import dataclasses
 
     options = stage.sensitivity
-    curves = layer_sensitivity(state.model, data, tuple(options.sparsities), criterion=stage.pruning)
+    curves = layer_sensitivity(state.model, data, tuple(options.sparsities), criterion=stage.pruning,
+                               accuracy_fn=accuracy, train_fn=_train_fn(ctx))
     if options.max_drop is not None:
         proposal = propose_sparsities(curves, max_drop=options.max_drop)
     else:
@@ -107,8 +152,10 @@ def _sensitivity(state: RunState, stage: PruneStage, data) -> tuple[object, dict
 
 
 def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
-    report = prune_channels(state.model, stage.pruning, example_input=ctx.example_batch(8), data=ctx.data,
-                            target=ctx.target.name, train_config=stage.retrain, teacher=_teacher(state, stage.retrain))
+    config = stage.pruning if stage.retrain is None else replace(stage.pruning, train=stage.retrain)
+    prune(state.model, config, example_input=ctx.example_batch(8), data=ctx.data, target=ctx.target.name,
+          train_fn=_train_fn(ctx), teacher=_teacher(state, config.train))
+    report = prune_report(state.model)
     acc = _test_accuracy(state.model, ctx, state)
     layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
     return {"structured": report.as_dict(), "layers": layers, "test_accuracy": acc,
@@ -132,11 +179,11 @@ def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
 def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     config, extra = stage.pruning, {}
     if stage.sensitivity is not None:
-        config, extra = _sensitivity(state, stage, ctx.data)
+        config, extra = _sensitivity(state, stage, ctx.data, ctx)
         extra = {"sensitivity": extra}
     teacher = _teacher(state, stage.retrain)
     if stage.schedule is None:
-        report = prune(state.model, config, data=ctx.data)
+        report = prune_report(prune(state.model, config, data=ctx.data, train_fn=_train_fn(ctx)))
         acc = _test_accuracy(state.model, ctx, state)
         line = f"sparsity {report.sparsity:.1%} of pruned layers, {_score_name(ctx)} {acc:.2%}"
         if stage.retrain is None:
@@ -147,11 +194,12 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
         return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "test_accuracy": after,
                 "retrain": {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch},
                 "line": f"{line} after pruning, {after:.2%} after {len(history.val_accuracy)} retrain epochs"}
-    steps = prune_with_schedule(state.model, config, stage.schedule, data=ctx.data, train_config=stage.retrain,
-                                teacher=teacher, progress=ctx.progress)
+    scheduled = ScheduledPruning(config, stage.schedule, stage.retrain)
+    steps = prune_report(prune(state.model, scheduled, data=ctx.data, train_fn=_train_fn(ctx), teacher=teacher)).steps
     report = next(s.report for s in reversed(steps) if s.report is not None)
     acc = _test_accuracy(state.model, ctx, state)
-    rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": s.history.val_accuracy} for s in steps]
+    rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": list(getattr(s.history, "val_accuracy", None) or [])}
+              for s in steps]
     return {**report.as_dict(), **extra, "rounds": rounds, "test_accuracy": acc,
             "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, {_score_name(ctx)} {acc:.2%}"}
 
@@ -200,8 +248,9 @@ def _quantize(state: RunState, config, ctx) -> dict:
     config, reason = _with_int8_layout(config, ctx)
     if reason:
         ctx.log(f"      {reason}")
-    float_macs = count_macs(state.model, ctx.example_batch(1))  # a quantized graph cannot count its own
-    state.model = quantize(state.model, config, data=ctx.data, target=ctx.target)
+    float_macs = count_macs(state.model, ctx.example_batch(1))  # the summary's; the graph counts the same itself
+    state.model = quantize(state.model, config, data=ctx.data, target=ctx.target, train_fn=_train_fn(ctx),
+                           accuracy_fn=accuracy)
     state.quantization = {**state.model._deepshrink_quant, "macs": float_macs}
     for line in state.quantization.get("budget_steps", []):
         ctx.log(f"      budget: {line}")
@@ -219,7 +268,7 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
     # real test samples, of every shape among the first ones when shapes vary
     parity_samples = ctx.data.inputs("test", config.parity_samples)
     dynamic = ctx.data.dynamic
-    jobs = [(COMPRESSED, state.model, (state.quantization or {}).get("macs"))]
+    jobs = [(COMPRESSED, state.model, None)]   # every module counts its own MACs, quantized graphs too
     if config.baseline and state.baseline is not None:
         jobs.insert(0, (FP32, state.baseline, None))
     lines = []
@@ -260,6 +309,10 @@ def _evaluate(state: RunState, config: EvaluateStage, ctx) -> dict:
                              metric=_user_metric(config.metric))
     state.variants = {label: {**m.as_dict(), **_role(label, state)} for label, m in measured.items()}
     document = build_metrics(state, ctx, config)
+    from deepshrink.training.distributed import world
+
+    # processes of this run; each training stage records its own under stages[i].training
+    document["environment"]["world_size"] = world().size
     write_metrics(ctx.out_dir / "metrics.json", document)
     lines = [f"{label}: {_headline(m)}" for label, m in measured.items()]
     return {"variants": list(state.variants), "checks": document["checks"], "line": "; ".join(lines)}

@@ -15,7 +15,7 @@ from torch import nn
 
 from deepshrink.core.errors import ArtifactError, DeepshrinkError
 from deepshrink.core.io import atomic_write_text
-from deepshrink.core.masks import attach_masks, get_masks
+from deepshrink.core.masks import attach_masks, without_masks
 from deepshrink.formats.checkpoint import read_checkpoint, write_checkpoint
 from deepshrink.models.loading import load_checkpoint, save_checkpoint
 from deepshrink.models.zoo import get_arch
@@ -50,13 +50,14 @@ def save_state(state: RunState, directory: Path, fingerprint: str, example_input
 
     generation = Path(tempfile.mkdtemp(prefix=f"{GENERATION}{state.completed:03d}-", dir=directory))
     try:
-        if isinstance(state.model, torch.fx.GraphModule) or get_arch(state.model) is None:
-            model_file = save_checkpoint(state.model, generation / "model.pt2", example_input=example_input).name
-        elif quantized_weights(state.model):  # low-bit weights keep their codes across a resume
-            model_file = save_compressed(state.model, generation / "model.dsk").name
-        else:
-            model_file = save_checkpoint(state.model, generation / "model.safetensors").name
-        masks = get_masks(state.model)
+        # the model file holds the plain module (pruned weights as zeros, plain names); masks go beside it
+        with without_masks(state.model) as masks:
+            if isinstance(state.model, torch.fx.GraphModule) or get_arch(state.model) is None:
+                model_file = save_checkpoint(state.model, generation / "model.pt2", example_input=example_input).name
+            elif quantized_weights(state.model):  # low-bit weights keep their codes across a resume
+                model_file = save_compressed(state.model, generation / "model.dsk").name
+            else:
+                model_file = save_checkpoint(state.model, generation / "model.safetensors").name
         if masks:
             write_checkpoint(generation / "masks.safetensors", {k: v.to(torch.uint8) for k, v in masks.items()}, {"kind": "masks"})
         if state.baseline is not None:

@@ -1,31 +1,42 @@
-"""Pruning: score weights, pick a mask, apply it; finalize makes the result really smaller.
+"""Pruning: one verb, ``prune(model, config)``, the algorithm chosen by the config's type.
 
-- criteria (configs): ``MagnitudePruning``, ``GradientPruning``, ``TaylorPruning``, ``RandomPruning``,
-  and ``VariationalDropout``, which learns the sparsity per layer by training;
-  add one with a ``PruningConfig`` subclass and ``register_criterion`` (see ``pruning.importance``);
-- where and how: ``scope`` / ``groups`` / ``overrides`` / ``pattern`` on every config;
-- when: ``prune_with_schedule`` with ``OneShot``, ``Iterative`` or ``Gradual``;
+- criteria (unstructured, masks held in the module): ``MagnitudePruning``, ``GradientPruning``,
+  ``TaylorPruning``, ``RandomPruning``, and ``VariationalDropout``, which learns the sparsity per
+  layer by training; add one with a ``PruningConfig`` subclass and ``register_criterion``;
+- structured: ``ChannelPruning`` removes whole channels (``pruning.structured``);
+- scheduled: ``ScheduledPruning(criterion, OneShot() | Iterative(...) | Gradual(...), train=...)``;
+- where and how: ``scope`` / ``groups`` / ``overrides`` / ``pattern`` on every criterion;
 - how much per layer: ``layer_sensitivity`` then ``propose_sparsities``.
+
+``prune`` changes the model in place and returns it; ``prune_report(model)`` says what it did;
+``finalize`` makes it a plain module with exact zeros. The configs that train take their loop as
+``train_fn`` (``core.loops``); ``deepshrink.prune`` supplies ``deepshrink.training.fit``.
 """
-from deepshrink.pruning.api import PruneReport, finalize, prunable_weights, prune, register_criterion, score_weights
+from deepshrink.pruning.api import (PRUNERS, PruneReport, finalize, prunable_weights, prune, prune_report, prune_weights,
+                                    register_criterion, score_weights)
 from deepshrink.pruning.configs import (
     BatchScoredPruning,
     GradientPruning,
     MagnitudePruning,
     PruningConfig,
     RandomPruning,
+    ScheduledPruning,
     TaylorPruning,
 )
-from deepshrink.pruning.iterative import ScheduleStep, prune_with_schedule
-from deepshrink.pruning.schedules import Gradual, Iterative, OneShot, cubic_sparsity, prune_points
+from deepshrink.pruning.iterative import ScheduleReport, ScheduleStep, prune_with_schedule
+from deepshrink.pruning.schedules import SCHEDULES, Gradual, Iterative, OneShot, cubic_sparsity, prune_points
 from deepshrink.pruning.scopes import choose_masks
 from deepshrink.pruning.variational import VariationalDropout, kl_to_log_uniform, log_alpha, variational_scores
 from deepshrink.pruning.sensitivity import Sensitivity, layer_sensitivity, predicted_drop, propose_sparsities
+from deepshrink.pruning.structured import ChannelPruning, StructuredReport  # registers ChannelPruning with prune
 
 __all__ = [
-    "prune", "finalize", "PruneReport", "register_criterion", "score_weights", "prunable_weights", "choose_masks",
+    "prune", "prune_report", "finalize", "PruneReport", "register_criterion", "score_weights", "prunable_weights",
+    "choose_masks", "prune_weights", "PRUNERS",
     "PruningConfig", "MagnitudePruning", "GradientPruning", "TaylorPruning", "RandomPruning", "BatchScoredPruning",
-    "prune_with_schedule", "ScheduleStep", "OneShot", "Iterative", "Gradual", "cubic_sparsity", "prune_points",
+    "ScheduledPruning", "ScheduleReport", "ScheduleStep", "OneShot", "Iterative", "Gradual", "SCHEDULES",
+    "cubic_sparsity", "prune_points", "prune_with_schedule",
+    "ChannelPruning", "StructuredReport",
     "layer_sensitivity", "propose_sparsities", "predicted_drop", "Sensitivity",
     "VariationalDropout", "variational_scores", "log_alpha", "kl_to_log_uniform",
 ]

@@ -11,7 +11,9 @@ from typing import ClassVar, Literal
 
 from deepshrink.core.config import check
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.loops import TrainConfig
 from deepshrink.ops.masks import ELEMENT, NM, parse_pattern
+from deepshrink.pruning.schedules import Gradual, Iterative, OneShot
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,22 @@ class RandomPruning(PruningConfig):
     """Uniformly random scores from ``seed``: the baseline every other criterion must beat."""
 
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduledPruning:
+    """Reach ``pruning`` (a criterion and its target ``sparsity``) along ``schedule``, training between prunes.
+
+    ``schedule``: ``OneShot()`` (prune once, then train), ``Iterative`` (Han et al.'s
+    prune-retrain cycles) or ``Gradual`` (Zhu & Gupta's cubic ramp); see ``pruning.schedules``.
+    ``train``: the whole run's training, ``train.epochs`` in all: each round prunes at its epoch
+    and trains until the next one (the last until ``train.epochs``), with one call of the loop
+    and seed ``train.seed + epoch``; the learning-rate schedule restarts every round.
+    A teacher given to ``prune`` is distilled from in every round when ``train.distill`` is set.
+    Masks compose, so each round starts from the last one's zeros and the last lands exactly on
+    ``pruning.sparsity``.
+    """
+
+    pruning: PruningConfig = field(default_factory=lambda: MagnitudePruning(sparsity=0.9))
+    schedule: OneShot | Iterative | Gradual = field(default_factory=OneShot)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,6 +1,6 @@
 """Sparsity schedules: pure functions of the step, and the plain-data configs that name them.
 
-A step is one training epoch (``prune_with_schedule`` prunes between epochs). The target
+A step is one training epoch (``ScheduledPruning`` prunes between epochs). The target
 sparsity always comes from the pruning config (``config.sparsity``), so it is written in one
 place; a schedule only says how to get there:
 
@@ -80,6 +80,7 @@ class Gradual:
 
 
 Schedule = OneShot | Iterative | Gradual
+SCHEDULES: dict[str, type] = {"one-shot": OneShot, "iterative": Iterative, "gradual": Gradual}   # a recipe's names
 
 
 def prune_points(schedule: Schedule, final: float) -> list[tuple[int, float]]:

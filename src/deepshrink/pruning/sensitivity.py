@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.loops import AccuracyFn, TrainFn, require_accuracy
 from deepshrink.core.masks import get_masks
+from deepshrink.core.progress import progress
 from deepshrink.data.splits import DataSplits
 from deepshrink.ops.masks import NM
 from deepshrink.pruning.api import prunable_weights, rank_pruned_lowest, score_weights
 from deepshrink.pruning.configs import MagnitudePruning, PruningConfig
 from deepshrink.pruning.scopes import choose_masks, layer_of
-from deepshrink.training import accuracy
 
 
 @dataclass
@@ -48,10 +49,16 @@ def layer_sensitivity(
     *,
     criterion: PruningConfig | None = None,
     batch_size: int = 512,
+    accuracy_fn: AccuracyFn | None = None,
+    train_fn: TrainFn | None = None,
 ) -> Sensitivity:
     """Val accuracy of ``model`` with each prunable layer (per ``criterion``'s layer selection)
-    pruned alone, locally, to each of ``sparsities``. The model is left exactly as it was."""
+    pruned alone, locally, to each of ``sparsities``. The model is left exactly as it was.
+
+    ``accuracy_fn``: the measure (``core.loops``; ``deepshrink.training.accuracy`` is one, the
+    pipeline's); ``train_fn``: for a criterion that learns its scores (variational dropout)."""
     criterion = MagnitudePruning() if criterion is None else criterion
+    accuracy = require_accuracy(accuracy_fn, who="layer_sensitivity")
     if isinstance(criterion.parsed_pattern, NM):
         raise ConfigError(f"criterion.pattern: {criterion.pattern} fixes the sparsity, so there is no curve to sweep; "
                           f"use pattern 'element' or a block such as '1x4'")
@@ -60,10 +67,10 @@ def layer_sensitivity(
             raise ConfigError(f"sparsities: {s} is outside (0, 1); use values such as 0.5, 0.9")
     weights = prunable_weights(model, criterion)
     previous = get_masks(model)
-    scores = rank_pruned_lowest(score_weights(model, weights, criterion, data), previous)
+    scores = rank_pruned_lowest(score_weights(model, weights, criterion, data, train_fn=train_fn), previous)
     loader = data.loader("val", batch_size=batch_size)
     result = Sensitivity(baseline=accuracy(model, loader))
-    for name, weight in weights.items():
+    for name, weight in progress(weights.items(), "sensitivity (layers)"):
         layer = layer_of(name)
         result.sizes[layer] = weight.numel()
         result.accuracy[layer] = {}

@@ -24,10 +24,10 @@ from torch import nn
 
 from deepshrink.core.config import check
 from deepshrink.core.errors import ConfigError
-from deepshrink.pruning.api import register_criterion
+from deepshrink.core.loops import TrainConfig, TrainFn, run_training
+from deepshrink.pruning.api import _register_scores
 from deepshrink.pruning.configs import PruningConfig
 from deepshrink.pruning.scopes import layer_of
-from deepshrink.training import TrainConfig, fit
 
 LOG_SIGMA2 = "deepshrink_log_sigma2"  # the parameter attached to each layer while it trains
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695  # Molchanov et al. 2017, eq. 14
@@ -42,7 +42,9 @@ class VariationalDropout(PruningConfig):
     instead prunes that fraction, ranked by log alpha (``scope``, ``overrides`` apply).
     ``train``: the variational training (epochs, lr, batch size...; weights and variances are
     trained together, so the surviving weights come back already adapted; the last epoch's
-    weights are kept whatever ``keep_best`` says).
+    weights are kept whatever ``keep_best`` says). The loop is ``prune``'s ``train_fn``, called
+    with ``penalty=`` (the KL term, a function of the training progress in [0, 1) to add to the
+    loss): a loop of your own must take it.
     ``kl_weight``: the KL term's weight at the end of the warm-up, per training example (1 is
     the true lower bound; below 1 keeps more weights, above 1 prunes harder). The term grows
     with the number of weights and shrinks with the number of examples: a small dataset against
@@ -104,13 +106,15 @@ def _hook(module: nn.Module, inputs: tuple, output: torch.Tensor, *, threshold: 
 
 def variational_scores(
     model: nn.Module, weights: Mapping[str, nn.Parameter], config: VariationalDropout, data,
-    *, progress: bool | None = False,
+    *, train_fn: TrainFn | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Train ``model`` in place with sparse variational dropout on ``weights``; return
-    ``threshold - log alpha`` per weight (> 0 = keep). The model comes back without the
-    variance parameters and hooks, in eval mode."""
+    """Train ``model`` in place with sparse variational dropout on ``weights`` (``train_fn``:
+    ``core.loops``); return ``threshold - log alpha`` per weight (> 0 = keep). The model comes
+    back without the variance parameters and hooks, in eval mode."""
     if data is None:
         raise ConfigError("VariationalDropout learns its scores by training: pass data=DataSplits(...)")
+    if train_fn is None:
+        run_training(None, model, data, config.train, who="VariationalDropout")   # raises, naming the fix
     modules = {name: model.get_submodule(layer_of(name)) for name in weights}
     for name, module in modules.items():
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -132,7 +136,8 @@ def variational_scores(
             return (config.kl_weight * ramp / examples) * kl
 
         # the last epoch is kept: the one with the best validation accuracy is an early, dense one
-        fit(model, data, replace(config.train, keep_best=False), progress=progress, penalty=penalty)
+        run_training(train_fn, model, data, replace(config.train, keep_best=False), who="VariationalDropout",
+                     penalty=penalty)
         with torch.no_grad():
             return {name: config.threshold - log_alpha(m.weight, getattr(m, LOG_SIGMA2)).detach()
                     for name, m in modules.items()}
@@ -145,6 +150,6 @@ def variational_scores(
         model.eval()
 
 
-@register_criterion(VariationalDropout)
-def _variational(model, weights, config: VariationalDropout, data) -> dict[str, torch.Tensor]:
-    return variational_scores(model, weights, config, data)
+@_register_scores(VariationalDropout, name="variational")
+def _variational(model, weights, config: VariationalDropout, data, train_fn) -> dict[str, torch.Tensor]:
+    return variational_scores(model, weights, config, data, train_fn=train_fn)

@@ -10,11 +10,14 @@ PTQ each time; QAT (with the fallback layers found so far kept in float) is the 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.loops import AccuracyFn, TrainFn, require_accuracy
+from deepshrink.core.progress import progress
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8QAT, Int8Static
 
@@ -50,7 +53,16 @@ class BudgetReport:
         return out
 
 
-def quantize_within_budget(
+def quantize_within_budget(model: nn.Module, data: DataSplits, *, max_drop_pt: float, **options) -> tuple[nn.Module, BudgetReport]:
+    """Deprecated: ``quantize(model, Int8WithinBudget(max_drop_pt=..., ptq=..., qat=...), data=data,
+    train_fn=..., accuracy_fn=...)``, then ``quantize_report(q)["budget"]``. ``deepshrink.quantize``
+    passes ``deepshrink.training.fit`` / ``accuracy``; here pass them (``search_within_budget``'s keywords)."""
+    warnings.warn("quantize_within_budget is deprecated and will be removed in the next release: use "
+                  "deepshrink.quantize(model, Int8WithinBudget(...), data=data)", DeprecationWarning, stacklevel=2)
+    return search_within_budget(model, data, max_drop_pt=max_drop_pt, **options)
+
+
+def search_within_budget(
     model: nn.Module,
     data: DataSplits,
     *,
@@ -60,22 +72,29 @@ def quantize_within_budget(
     qat: Int8QAT | None = None,
     max_fp32_layers: int = 3,
     sensitivity_samples: int = 256,
+    train_fn: TrainFn | None = None,
+    accuracy_fn: AccuracyFn | None = None,
 ) -> tuple[nn.Module, BudgetReport]:
     """The first model whose val accuracy drop is ``<= max_drop_pt``, and what was tried.
 
     ``ptq``: the PTQ config to start from (default ``Int8Static()``); ``qat``: the QAT config
-    of the last step (default ``Int8QAT()``; pass ``Int8QAT(epochs=...)`` to control cost).
+    of the last step (default ``Int8QAT()``; pass ``Int8QAT(train=TrainConfig(epochs=...))`` to control cost).
     ``max_fp32_layers``: how many layers the fallback may leave in float before QAT.
+    ``accuracy_fn`` measures every attempt and ``train_fn`` runs the QAT (``core.loops``); both are
+    required, so a search that would end in QAT cannot fail after the PTQ attempts.
     If nothing meets the budget, the most accurate model is returned with ``met=False``.
     """
+    from deepshrink.core.loops import run_training
     from deepshrink.quantization.api import quantize
     from deepshrink.quantization.report import layer_sqnr_report
-    from deepshrink.training import accuracy
 
     if not max_drop_pt >= 0:
         raise ConfigError(f"max_drop_pt: {max_drop_pt} must be >= 0 (percentage points of accuracy)")
     if max_fp32_layers < 0:
         raise ConfigError(f"max_fp32_layers: {max_fp32_layers} must be >= 0")
+    accuracy = require_accuracy(accuracy_fn, who="Int8WithinBudget")
+    if train_fn is None:
+        run_training(None, model, data, (qat or Int8QAT()).train, who="Int8WithinBudget (its last resort, QAT,)")
     ptq = ptq or Int8Static()
     qat = qat or Int8QAT()
     val = data.loader("val", batch_size=512)
@@ -84,7 +103,7 @@ def quantize_within_budget(
     tried: list[tuple[float, nn.Module]] = []
 
     def attempt(action: str, config) -> bool:
-        quantized = quantize(model, config, data=data, target=target)
+        quantized = quantize(model, config, data=data, target=target, train_fn=train_fn, accuracy_fn=accuracy_fn)
         acc = accuracy(quantized, val, reference=model)
         steps.append(BudgetStep(action, acc, 100.0 * (float_acc - acc), tuple(config.fp32_layers)))
         tried.append((acc, quantized))
@@ -92,7 +111,9 @@ def quantize_within_budget(
 
     met = attempt("ptq", ptq)
     fp32: list[str] = list(ptq.fp32_layers)
-    while not met and len(fp32) - len(ptq.fp32_layers) < max_fp32_layers:
+    for _ in progress(range(max_fp32_layers), "budget: fp32 fallback"):   # one layer more in fp32 each time
+        if met:
+            break
         # sensitivity in the latest PTQ model: the lowest SQNR on its own among layers still quantized
         rows = [r for r in layer_sqnr_report(model, tried[-1][1], data, samples=sensitivity_samples) if r.layer not in fp32]
         if not rows:

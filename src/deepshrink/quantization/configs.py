@@ -7,9 +7,10 @@ that matches no module is an error at ``quantize`` time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from deepshrink.core.config import check
+from deepshrink.core.loops import TrainConfig
 from deepshrink.core.targets import INT8_LAYOUTS, Int8Layout
 
 Calibration = Literal["minmax", "histogram", "percentile", "mse", "entropy"]
@@ -86,25 +87,21 @@ class Int8Dynamic:
 class Int8QAT:
     """Quantization-aware training: fake-quantized W8A8 fine-tuning, then conversion to int8.
 
-    The training loop is ``deepshrink.training.fit`` on the fake-quantized graph (batch norm
-    stays live and is folded at conversion). ``epochs`` over ``data.train``; the optimizer,
-    schedule and batch size are those of ``TrainConfig``.
+    ``train``: the fine-tuning of the fake-quantized graph over ``data.train`` (batch norm stays
+    live and is folded at conversion), run by ``quantize``'s ``train_fn`` (``core.loops``;
+    ``deepshrink.quantize`` passes ``deepshrink.training.fit``).
     """
 
-    epochs: int = 1
-    lr: float = 1e-4
-    optimizer: Literal["adam", "sgd"] = "adam"
-    batch_size: int = 64
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-4))
     per_channel: bool | None = None
     fp32_layers: tuple[str, ...] = ()
-    seed: int = 0
     int8_layout: Int8Layout | None = None
 
+    # the flat training keys of earlier releases, for the message that says where they went
+    MOVED_KEYS: ClassVar[dict[str, str]] = {k: f"train.{k}" for k in ("epochs", "lr", "optimizer", "batch_size", "lr_schedule", "seed")}
+
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", f"{self.epochs} must be >= 1; use Int8Static for no training")
-        check(self.lr > 0, "lr", f"{self.lr} must be > 0")
-        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+        check(self.train.epochs >= 1, "train.epochs", f"{self.train.epochs} must be >= 1; use Int8Static for no training")
         _check_layout(self.int8_layout)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.progress import progress
 from deepshrink.core.graph import drop_unused_weights
 from deepshrink.core.selection import select
 from deepshrink.core.targets import TargetProfile
@@ -25,7 +26,7 @@ from deepshrink.quantization.quantizer import build_quantizer, layer_name, quant
 def calibrate(prepared: nn.Module, data: DataSplits, samples: int, batch_size: int = 64) -> int:
     """Run up to ``samples`` samples of ``data.calib`` through ``prepared``; returns how many ran."""
     seen = 0
-    for x in data.batches("calib", samples=samples, batch_size=batch_size):
+    for x in progress(data.batches("calib", samples=samples, batch_size=batch_size), "calibrating"):
         S.call(prepared, x)
         seen += S.batch_size(x)
     return seen

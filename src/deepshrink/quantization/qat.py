@@ -1,9 +1,9 @@
-"""Quantization-aware training through PT2E: ``prepare_qat_pt2e`` -> ``training.fit`` -> ``convert_pt2e``.
+"""Quantization-aware training through PT2E: ``prepare_qat_pt2e`` -> the training loop -> ``convert_pt2e``.
 
 The graph is exported in training mode (batch norm live, so the quantizer's conv-bn patterns
 fold it QAT-style); ``model.train()``/``model.eval()`` on the graph switch batch norm and
 dropout (torchao's ``move_exported_model_to_train/eval``) and turn the observers on/off, so
-validation inside ``fit`` does not move the ranges.
+validation inside the loop (``deepshrink.training.fit``'s, or yours) does not move the ranges.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deepshrink.core.graph import capture, drop_unused_weights
+from deepshrink.core.loops import Distillation, TrainFn, run_training
 from deepshrink.core.targets import TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8QAT
@@ -23,15 +24,16 @@ from deepshrink.quantization.pt2e import activation_ranges_of, check_fp32_layers
 from deepshrink.quantization.quantizer import build_quantizer, quantization_config
 
 
-def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: TargetProfile, *, progress: bool | None = None) -> torch.fx.GraphModule:
-    """The fake-quantized graph after ``config.epochs`` of training (``model`` is not modified).
+def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: TargetProfile, *,
+              train_fn: TrainFn | None = None) -> torch.fx.GraphModule:
+    """The fake-quantized graph after ``config.train`` through ``train_fn`` (``model`` is not modified).
 
     Its outputs are what the converted int8 model should reproduce; ``finalize_qat`` converts it.
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    from deepshrink.training import TrainConfig, fit
-
+    if train_fn is None:
+        run_training(None, model, data, config.train, who="Int8QAT")   # raises before any export work
     fp32 = check_fp32_layers(model, config.fp32_layers)
     per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
     graph = capture(copy.deepcopy(model), data.example_input(), max_batch=target.max_batch, dynamic=data.dynamic,
@@ -41,21 +43,16 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
     prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True, int8_layout=layout),
                                                        fp32_layers=fp32))
     allow_train_eval(prepared)
-    train = TrainConfig(
-        epochs=config.epochs, lr=config.lr, optimizer=config.optimizer, batch_size=config.batch_size,
-        lr_schedule=config.lr_schedule, seed=config.seed,
-    )
-    teacher = None
+    train, teacher = config.train, None
     if not data.labelled:
         # raw inputs only: distil from the float model (its outputs are the targets)
-        from deepshrink.training import Distillation
-
         teacher = model
         train = dataclasses.replace(train, distill=Distillation(temperature=1.0, alpha=1.0))
-    history = fit(prepared, data, train, teacher=teacher, progress=progress)
+    history = run_training(train_fn, prepared, data, train, who="Int8QAT", teacher=teacher)
     prepared.eval()
     object.__setattr__(prepared, "_deepshrink_quant", {
-        "per_channel": per_channel, "fp32_layers": list(fp32), "qat_val_accuracy": history.val_accuracy, "int8_layout": layout,
+        "per_channel": per_channel, "fp32_layers": list(fp32), "int8_layout": layout,
+        "qat_val_accuracy": list(getattr(history, "val_accuracy", None) or []),
     })
     return prepared
 

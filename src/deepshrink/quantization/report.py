@@ -6,7 +6,7 @@ float model (BN folded, same graph):
 - ``layer_sqnr_db``: this layer alone — the float input, quantized with this layer's input
   quantizer, through the int8 weights, vs the float output. Errors of earlier layers are
   excluded, so this is the column that says which layer breaks (and what the fp32 fallback
-  of ``quantize_within_budget`` ranks by);
+  of ``Int8WithinBudget`` ranks by);
 - ``weight_sqnr_db``: the int8 weight vs the float weight;
 - ``input_sqnr_db`` / ``output_sqnr_db``: what the whole quantized model feeds this layer
   and what the layer produces (before its activation), errors of earlier layers included.

@@ -1,7 +1,7 @@
 """One training loop for training from scratch and for fine-tuning after compression.
 
-Masks attached by pruning are re-applied after every optimizer step, so pruned weights stay
-exactly zero (momentum and weight decay cannot revive them).
+Pruning masks need nothing from this loop: the module holds them (``core.masks``, a
+parametrization), so pruned weights read as exactly zero and get no gradient in any loop.
 """
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import copy
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,18 +19,11 @@ from torch.utils.data import DataLoader
 from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.io import atomic_path
-from deepshrink.core.masks import apply_masks, get_masks
+from deepshrink.core.progress import progress as progress_bar
 from deepshrink.core.outputs import primary
 from deepshrink.data.splits import NO_LABEL, DataSplits
-from deepshrink.training.config import TrainConfig
-
-
-@dataclass
-class History:
-    train_loss: list[float] = field(default_factory=list)
-    val_accuracy: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-    stopped_early: bool = False
+from deepshrink.training import distributed
+from deepshrink.core.loops import History, TrainConfig
 
 
 @torch.no_grad()
@@ -42,7 +33,10 @@ def accuracy(model: nn.Module, loader: DataLoader, *, reference: nn.Module | Non
     was_training = getattr(model, "training", False)
     _set_eval(model)
     correct = total = 0
+    device = _device_of(model)
     for x, y in loader:
+        if device.type != "cpu":   # a model fit is training on a GPU
+            x, y = S.map_tensors(lambda t: t.to(device), x), y.to(device)
         predicted = primary(S.call(model, x)).argmax(-1)
         if bool((y == NO_LABEL).any()):
             if reference is None:
@@ -54,6 +48,11 @@ def accuracy(model: nn.Module, loader: DataLoader, *, reference: nn.Module | Non
     if was_training:
         _set_mode(model, train=True)
     return correct / max(total, 1)
+
+
+def _device_of(model) -> torch.device:
+    parameters = model.parameters() if isinstance(model, nn.Module) else iter(())
+    return next(parameters, torch.empty(0)).device
 
 
 def _set_mode(model: nn.Module, *, train: bool) -> None:
@@ -95,6 +94,7 @@ def fit(
     progress: bool | None = None,
     resume_path: str | os.PathLike | None = None,
     penalty: Callable[[float], torch.Tensor] | None = None,
+    device: str | None = None,
 ) -> History:
     """Train ``model`` in place on ``data.train``, validating on ``data.val`` after each epoch.
 
@@ -102,14 +102,27 @@ def fit(
     continues if the file exists (same config assumed).
     ``penalty``: called at every step with the training progress in [0, 1); its value is added
     to the loss (a regulariser such as the KL term of variational dropout, with its own warm-up).
+    ``device``: ``cpu`` | ``cuda`` | ``auto`` (default: the enclosing ``distributed.training_device``,
+    else the CPU); the model comes back on the CPU.
+
+    Under torchrun every process calls ``fit`` alike: DDP averages the gradients of each global
+    batch of ``config.batch_size`` samples (``distributed``); rank 0 alone validates and saves.
     """
     torch.manual_seed(config.seed)
+    on = distributed.resolve_device(device)
+    model.to(on)
+    if teacher is not None:
+        teacher.to(on)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    loader = data.loader("train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    if distributed.active() and config.epochs:
+        loader = distributed.train_loader(data.loader("train", batch_size=distributed.per_rank_batch(config.batch_size)),
+                                          seed=config.seed)
+    else:
+        loader = data.loader("train", batch_size=config.batch_size, shuffle=True, seed=config.seed)
     val_loader = data.loader("val", batch_size=512)
     steps_total = max(config.epochs * len(loader), 1)
     schedule = (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps_total))) if config.lr_schedule == "cosine" else (lambda step: 1.0)
@@ -117,8 +130,8 @@ def fit(
     if teacher is not None:
         _set_eval(teacher)
     history, best_state, best_acc, start_epoch = History(), None, -1.0, 0
-    if resume_path is not None and Path(resume_path).is_file():
-        state = torch.load(resume_path, weights_only=True)
+    state = distributed.load_resume(resume_path) if config.epochs else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -126,14 +139,18 @@ def fit(
         best_acc, best_state, start_epoch = state["best_acc"], state["best_state"], state["epoch"] + 1
         torch.set_rng_state(state["rng"])
     show = sys.stderr.isatty() if progress is None else progress
-    apply_masks(model)
+    # DDP under torchrun (its construction syncs rank 0's weights); no epochs, no collective at all
+    trainee = distributed.wrap(model, on) if config.epochs else model
     for epoch in range(start_epoch, config.epochs):
         model.train()
+        distributed.set_epoch(loader, epoch, config.seed)
         running, seen = 0.0, 0
-        bar = _progress(loader, f"epoch {epoch + 1}/{config.epochs}", show)
+        bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}", enabled=progress)
         for i, (x, y) in enumerate(bar):
+            if on.type != "cpu":
+                x, y = S.map_tensors(lambda t: t.to(on, non_blocking=True), x), y.to(on, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            logits = primary(S.call(model, x))
+            logits = primary(S.call(trainee, x))
             with torch.no_grad():
                 teacher_logits = primary(S.call(teacher, x)) if teacher is not None else None
             loss = _loss(logits, y, teacher_logits, config)
@@ -142,19 +159,18 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if get_masks(model):
-                apply_masks(model)
             running += float(loss.detach()) * len(y)
             seen += len(y)
             if show:
                 bar.set_postfix(loss=f"{running / seen:.4f}")
+        running, seen = distributed.sum_over_ranks(running, seen)
         history.train_loss.append(running / max(seen, 1))
-        acc = accuracy(model, val_loader, reference=teacher)
+        acc = distributed.on_main(lambda: accuracy(model, val_loader, reference=teacher))
         history.val_accuracy.append(acc)
         if acc > best_acc:
             best_acc, history.best_epoch = acc, epoch
             best_state = copy.deepcopy(model.state_dict()) if config.keep_best else None
-        if resume_path is not None:
+        if resume_path is not None and distributed.is_main():
             with atomic_path(resume_path) as tmp:
                 torch.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -167,6 +183,7 @@ def fit(
             break
     if config.keep_best and best_state is not None:
         model.load_state_dict(best_state)
+    distributed.unwrap(model, on, teacher)
     _set_eval(model)
     return history
 

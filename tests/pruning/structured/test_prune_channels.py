@@ -12,7 +12,7 @@ from deepshrink.models import create, load, save_checkpoint
 from deepshrink.models.mobile import mobile_cnn
 from deepshrink.models.zoo import get_arch
 from deepshrink.pruning.structured import ChannelPruning, prune_channels
-from deepshrink.training import TrainConfig
+from deepshrink.training import TrainConfig, fit
 
 from .conftest import Residual, masked_and_shrunk, randomize_batch_norms
 
@@ -68,7 +68,8 @@ def test_global_scope_on_the_mobile_cnn_keeps_multiples_of_eight():
 def test_taylor_and_gradual_steps_fine_tune_between_steps(trained_mlp, blobs):
     x = blobs.example_input(4)
     config = ChannelPruning(ratio=0.5, scope="local", importance="taylor", round_to=4, steps=2, batches=2, batch_size=32)
-    report = prune_channels(trained_mlp, config, example_input=x, data=blobs, train_config=TrainConfig(epochs=1, batch_size=32))
+    report = prune_channels(trained_mlp, config, example_input=x, data=blobs, train_config=TrainConfig(epochs=1, batch_size=32),
+                            train_fn=fit)
     assert [[g["after"] for g in s["groups"]] for s in report.steps] == [[12, 12], [8, 8]]  # 16 * 0.75, then 16 * 0.5
     assert report.steps[0]["ratio"] == 0.25 and 0.25 < report.steps[0]["val_accuracy"] <= 1.0
     assert "val_accuracy" not in report.steps[1]  # the last step is left to the caller's fine-tuning

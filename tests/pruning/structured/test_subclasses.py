@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepshrink.pruning.structured.api import prune_channels  # the pruning verb of this release (deprecated alias next)
+import deepshrink as ds
 from deepshrink.pruning.structured.configs import ChannelPruning
 
 
@@ -49,7 +49,7 @@ class Net(nn.Module):
 
 def test_subclasses_are_pruned_as_their_base_and_stay_themselves():
     model, x = Net().eval(), torch.randn(2, 1, 28, 28)
-    report = prune_channels(model, ChannelPruning(ratio=0.5), example_input=x)
+    report = ds.prune_report(ds.prune(model, ChannelPruning(ratio=0.5), example_input=x))
     assert report.unpruned == []
     assert report.layers == {"c1": (16, 8), "c2": (32, 16), "fc": (10, 10)}
     # 16*9*14*14 + 32*16*9*7*7 + 1568*10 before; halved channels after
@@ -61,6 +61,6 @@ def test_subclasses_are_pruned_as_their_base_and_stay_themselves():
 
 def test_a_subclass_with_tensors_of_its_own_is_left_and_named():
     model, x = Net(conv=Scaled).eval(), torch.randn(2, 1, 28, 28)
-    report = prune_channels(model, ChannelPruning(ratio=0.5), example_input=x)
+    report = ds.prune_report(ds.prune(model, ChannelPruning(ratio=0.5), example_input=x))
     assert any("Scaled subclasses Conv2d but holds gain of its own" in line for line in report.unpruned)
     assert model.c1.out_channels == 16 and model(x).shape == (2, 10)

@@ -56,3 +56,18 @@ def test_top_channels_keeps_the_highest_and_breaks_ties_by_index():
     assert keep.tolist() == [True, True, False, False, True]
     keep = top_channels(torch.tensor([1.0, 1.0, 1.0, 1.0]), 2)
     assert keep.tolist() == [True, True, False, False]
+
+
+def test_a_half_computed_a_hair_low_still_rounds_up():
+    assert 35 * (1 - 0.9) < 3.5                                   # 3.4999999999999996
+    assert round_channels(35 * (1 - 0.9), 35, 1) == 4
+    assert local_counts([35], [0.9], 1) == [4]
+
+
+def test_top_channels_ties_keep_the_lower_indices():
+    scores = torch.zeros(5000)
+    scores[::7] = 1.0                                             # 715 ones, then ties at zero
+    keep = top_channels(scores, 1000)
+    expected = scores == 1
+    expected[torch.nonzero(scores == 0).flatten()[:285]] = True
+    assert torch.equal(keep, expected)

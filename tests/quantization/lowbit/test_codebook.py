@@ -11,6 +11,7 @@ from deepshrink.ops.nonuniform import centroid_gradients
 from deepshrink.quantization.api import quantize
 from deepshrink.quantization.lowbit import Codebook, codebook_quantize_, evaluate_loss_accuracy, quantized_weights
 from deepshrink.quantization.lowbit.codebook import _DecodeShared
+from deepshrink.training import TrainConfig, fit
 
 
 def _prune_every_third(model):
@@ -79,8 +80,8 @@ def test_centroid_finetuning_reduces_training_loss_and_keeps_indices(trained_mlp
     loss_before, _ = evaluate_loss_accuracy(trained_mlp, blobs, "train")
     finetuned = type(trained_mlp)(hidden=(16, 16), in_features=8, num_classes=4)
     finetuned.load_state_dict(trained_mlp.state_dict())
-    codebook_quantize_(finetuned, Codebook(method="kmeans", bits=2, finetune_epochs=3, finetune_lr=3e-3, batch_size=32),
-                       data=blobs)
+    codebook_quantize_(finetuned, Codebook(method="kmeans", bits=2, train=TrainConfig(epochs=3, lr=3e-3, batch_size=32)),
+                       data=blobs, train_fn=fit)
     loss_after, _ = evaluate_loss_accuracy(finetuned, blobs, "train")
     assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
     for name, qw in quantized_weights(finetuned).items():
@@ -93,5 +94,5 @@ def test_centroid_finetuning_reduces_training_loss_and_keeps_indices(trained_mlp
 
 
 def test_finetuning_without_data_is_an_error(trained_mlp):
-    with pytest.raises(Exception, match="finetune_epochs: 1 needs training data"):
-        codebook_quantize_(trained_mlp, Codebook(finetune_epochs=1))
+    with pytest.raises(Exception, match="Codebook.train: fine-tuning needs training data"):
+        codebook_quantize_(trained_mlp, Codebook(train=TrainConfig(epochs=1, lr=1e-4)))

@@ -9,6 +9,7 @@ from deepshrink.core.errors import ConfigError
 from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT, quantize_weights_
 from deepshrink.quantization.lowbit.codebook import codebook_quantize_
 from deepshrink.quantization.lowbit.qat import prepare_qat
+from deepshrink.training import Distillation, TrainConfig
 
 from .conftest import new_mlp
 
@@ -16,8 +17,9 @@ from .conftest import new_mlp
 @pytest.mark.parametrize("config", [
     WeightOnly(bits=3, symmetric=False, granularity="per_group", group_size=8, layers={"re:.*classifier": 8, "*": 4}),
     WeightOnly(layers={"hidden.0": None}),
-    WeightQAT(bits=2, method="ste", granularity="per_tensor", epochs=1, lr=1e-3, distill=True),
-    Codebook(method="equal_population", bits=5, layers={"classifier": None}, finetune_epochs=2, kmeans_init="density"),
+    WeightQAT(bits=2, method="ste", granularity="per_tensor", train=TrainConfig(epochs=1, lr=1e-3, distill=Distillation())),
+    Codebook(method="equal_population", bits=5, layers={"classifier": None}, kmeans_init="density",
+             train=TrainConfig(epochs=2, lr=1e-4)),
 ])
 def test_configs_survive_a_yaml_round_trip(config):
     assert from_dict(type(config), yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
@@ -33,7 +35,7 @@ def test_configs_survive_a_yaml_round_trip(config):
     (lambda: WeightOnly(group_size=32), "group_size", "only used with granularity per_group"),
     (lambda: WeightQAT(method="lsq", symmetric=False), "symmetric", "use method ste"),
     (lambda: WeightQAT(method="lsq", granularity="per_group", group_size=4), "granularity", "use method ste"),
-    (lambda: Codebook(method="power_of_two", finetune_epochs=1), "finetune_epochs", "off the powers of two"),
+    (lambda: Codebook(method="power_of_two", train=TrainConfig(epochs=1, lr=1e-4)), "train", "off the powers of two"),
 ])
 def test_bad_values_raise_config_error_naming_the_field(make, field, fragment):
     with pytest.raises(ConfigError) as err:

@@ -126,3 +126,9 @@ def test_measure_front_returns_plain_rows_with_sizes(trained_mlp, blobs, tmp_pat
     assert all(r["dsk_bytes"] > 0 and r["measured_on"] == "dsk" for r in result["measured"])
     assert set(result["front"]) == {"kl", "loss"} and all(result["front"].values())
     assert not quantized_weights(trained_mlp)  # measured on copies
+
+
+def test_a_layer_that_does_better_quantized_costs_nothing():
+    better = BitSensitivity(baseline_loss=1.0, baseline_accuracy=0.9, sizes={"fc": 10}, loss={"fc": {4: 0.8}},
+                            accuracy={"fc": {4: 0.95}}, kl={"fc": {4: -1e-9}})   # noise, or a regularising effect
+    assert [better.cost("fc", 4, objective) for objective in ("loss", "kl", "accuracy")] == [0.0, 0.0, 0.0]

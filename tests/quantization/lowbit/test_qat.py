@@ -8,6 +8,7 @@ from deepshrink.ops.quant_math import qrange
 from deepshrink.quantization.api import quantize
 from deepshrink.quantization.lowbit import (WeightOnly, WeightQAT, convert_qat, evaluate_loss_accuracy, prepare_qat,
                                             quantize_weights_, quantized_weights)
+from deepshrink.training import TrainConfig, fit
 
 
 def _assert_on_grid(model, bits: int, symmetric: bool):
@@ -26,8 +27,8 @@ def _assert_on_grid(model, bits: int, symmetric: bool):
 
 @pytest.mark.parametrize("method,symmetric", [("ste", True), ("ste", False), ("lsq", True)])
 def test_qat_snaps_weights_onto_2_to_the_bits_levels_per_channel(trained_mlp, blobs, method, symmetric):
-    out = quantize(trained_mlp, WeightQAT(bits=2, method=method, symmetric=symmetric, epochs=1, lr=1e-3,
-                                          batch_size=32), data=blobs)
+    out = quantize(trained_mlp, WeightQAT(bits=2, method=method, symmetric=symmetric,
+                                          train=TrainConfig(epochs=1, lr=1e-3, batch_size=32)), data=blobs, train_fn=fit)
     assert out is trained_mlp
     assert not any("parametrizations" in n for n, _ in trained_mlp.named_parameters())
     _assert_on_grid(trained_mlp, 2, symmetric)
@@ -53,8 +54,6 @@ def test_lsq_learns_the_step_and_beats_ptq_at_2_bits(trained_mlp, blobs):
     prepare_qat(trained_mlp, WeightQAT(bits=2, method="lsq"))
     step = trained_mlp.hidden[0].parametrizations.weight[0].scale
     initial = step.detach().clone()
-    from deepshrink.training import TrainConfig, fit
-
     fit(trained_mlp, blobs, TrainConfig(epochs=3, lr=3e-3, batch_size=32), progress=False)
     assert not torch.equal(step.detach(), initial)  # the steps are trained parameters
     convert_qat(trained_mlp)
@@ -69,13 +68,14 @@ def test_pruned_zeros_stay_zero_through_qat(trained_mlp, blobs, method):
     with torch.no_grad():
         w.mul_((torch.arange(w.numel()) % 2 == 0).reshape(w.shape).float())
     zeros = w.detach() == 0
-    quantize(trained_mlp, WeightQAT(bits=3, method=method, epochs=1, lr=1e-2, batch_size=32), data=blobs)
+    quantize(trained_mlp, WeightQAT(bits=3, method=method, train=TrainConfig(epochs=1, lr=1e-2, batch_size=32)), data=blobs,
+             train_fn=fit)
     assert torch.all(trained_mlp.hidden[1].weight[zeros] == 0)
 
 
 def test_per_group_ste_snaps_to_each_groups_grid(trained_mlp, blobs):
-    quantize(trained_mlp, WeightQAT(bits=3, method="ste", granularity="per_group", group_size=8,
-                                    layers={"hidden.0": None}, epochs=1, lr=1e-3, batch_size=32), data=blobs)
+    quantize(trained_mlp, WeightQAT(bits=3, method="ste", granularity="per_group", group_size=8, layers={"hidden.0": None},
+                                    train=TrainConfig(epochs=1, lr=1e-3, batch_size=32)), data=blobs, train_fn=fit)
     qw = quantized_weights(trained_mlp)["hidden.1.weight"]
     assert qw.scale.shape == (16, 2)
     for group in trained_mlp.hidden[1].weight.detach().reshape(16, 2, 8).reshape(32, 8):

@@ -48,7 +48,10 @@ def test_round_trip_gives_identical_outputs_and_codes(tmp_path, config):
 def test_a_qat_model_round_trips(tmp_path, blobs):
     from .conftest import new_mlp
 
-    model = quantize(new_mlp(), WeightQAT(bits=3, method="lsq", epochs=1, lr=1e-3, batch_size=32), data=blobs)
+    from deepshrink.training import TrainConfig, fit
+
+    model = quantize(new_mlp(), WeightQAT(bits=3, method="lsq", train=TrainConfig(epochs=1, lr=1e-3, batch_size=32)), data=blobs,
+                     train_fn=fit)
     loaded = load_compressed(save_compressed(model, tmp_path / "qat.dsk"))
     x = torch.randn(5, 8)
     assert torch.equal(loaded(x), model(x))

@@ -1,6 +1,6 @@
 """Structured (channel) pruning: remove whole channels so layers, files and latency really shrink.
 
-``prune_channels(model, ChannelPruning(ratio=0.5), example_input=x)`` traces the model, finds
+``deepshrink.prune(model, ChannelPruning(ratio=0.5), example_input=x)`` traces the model, finds
 every slice coupled to each output channel (next layers' inputs, BatchNorm, residual additions,
 concatenations, depthwise convolutions, flatten into a Linear), scores the coupled groups,
 rounds kept widths to the target's channel multiple and replaces the layers with smaller ones.
@@ -9,7 +9,7 @@ The steps are public on their own: ``analyze_channels``, the criteria in ``impor
 ``ChannelPlan`` with ``mask_channels`` (zeros, the reference) and ``shrink_channels``.
 ``remove_dead_channels`` cuts out, exactly, the units that unstructured pruning left unread.
 """
-from deepshrink.pruning.structured.api import ShrinkError, StructuredReport, prune_channels
+from deepshrink.pruning.structured.api import ShrinkError, StructuredReport, prune_channels, shrink_model
 from deepshrink.pruning.structured.configs import ChannelPruning
 from deepshrink.pruning.structured.dead import live_channels, remove_dead_channels
 from deepshrink.pruning.structured.dependency import UnprunableLayerWarning, analyze_channels, describe_unsupported
@@ -19,7 +19,7 @@ from deepshrink.pruning.structured.shrink import ChannelPlan, mask_channels, shr
 from deepshrink.pruning.structured.widths import global_counts, local_counts, round_channels, top_channels
 
 __all__ = [
-    "prune_channels", "ChannelPruning", "remove_dead_channels", "live_channels", "StructuredReport", "ShrinkError", "UnprunableLayerWarning",
+    "ChannelPruning", "shrink_model", "prune_channels", "remove_dead_channels", "live_channels", "StructuredReport", "ShrinkError", "UnprunableLayerWarning",
     "analyze_channels", "describe_unsupported", "ChannelGraph", "ChannelGroup", "ParamSlice",
     "magnitude_scores", "bn_scale_scores", "taylor_scores",
     "ChannelPlan", "mask_channels", "shrink_channels",

@@ -1,4 +1,4 @@
-"""The ``prune_channels`` verb: analyse, score, choose widths, shrink — optionally in steps.
+"""``prune(model, ChannelPruning(...))``: analyse, score, choose widths, shrink — optionally in steps.
 
 The four stages stay separate functions so each can be used alone: ``analyze_channels``
 (dependency graph), a criterion from ``importance`` (scores), ``widths`` (how many stay, which)
@@ -7,17 +7,20 @@ the reference a shrunk model must match.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from deepshrink.core.counting import count_macs
 from deepshrink.core.errors import ConfigError, DeepshrinkError
-from deepshrink.core.masks import get_masks
+from deepshrink.core.loops import TrainConfig, TrainFn, run_training
+from deepshrink.core.masks import has_masks
 from deepshrink.core.selection import first_match, select, weighted_layers
 from deepshrink.core.targets import get_target
 from deepshrink.data.splits import DataSplits
+from deepshrink.pruning.api import PRUNERS, PruneCall
 from deepshrink.pruning.structured.arch import record_widths
 from deepshrink.pruning.structured.configs import ChannelPruning
 from deepshrink.pruning.structured.dependency import analyze_channels, describe_unsupported
@@ -25,7 +28,6 @@ from deepshrink.pruning.structured.graph import ChannelGraph, ChannelGroup
 from deepshrink.pruning.structured.importance import bn_scale_scores, magnitude_scores, taylor_scores, train_batches
 from deepshrink.pruning.structured.shrink import ChannelPlan, shrink_channels
 from deepshrink.pruning.structured.widths import global_counts, local_counts, top_channels
-from deepshrink.training.config import TrainConfig
 
 
 class ShrinkError(DeepshrinkError, RuntimeError):
@@ -34,7 +36,7 @@ class ShrinkError(DeepshrinkError, RuntimeError):
 
 @dataclass
 class StructuredReport:
-    """What ``prune_channels`` changed. ``layers``: every Conv/Linear, output channels (before,
+    """What a ``ChannelPruning`` changed. ``layers``: every Conv/Linear, output channels (before,
     after); ``groups``: each channel group, its producers and widths; ``unpruned``: what the
     analysis left alone and why; ``arch``: the rebuilt constructor record (None: save as .pt2)."""
 
@@ -59,32 +61,44 @@ class StructuredReport:
                 "macs_reduction": self.macs_reduction}
 
 
-def prune_channels(
+@PRUNERS.register(ChannelPruning, name="channels")
+def _channels(model: nn.Module, config: ChannelPruning, call: PruneCall) -> StructuredReport:
+    example = call.example_input
+    if example is None:
+        if call.data is None:
+            raise ConfigError("ChannelPruning traces the model: pass example_input= (a batch of real inputs) or data=")
+        example = call.data.example_batch(8)
+    return shrink_model(model, config, example_input=example, data=call.data, target=call.target,
+                        train_fn=call.train_fn, teacher=call.teacher)
+
+
+def shrink_model(
     model: nn.Module,
     config: ChannelPruning,
     *,
     example_input: torch.Tensor,
     data: DataSplits | None = None,
     target: str = "xnnpack",
-    train_config: TrainConfig | None = None,
+    train_fn: TrainFn | None = None,
     teacher: nn.Module | None = None,
-    progress: bool | None = False,
 ) -> StructuredReport:
     """Remove output channels from ``model``'s layers in place; the model ends physically smaller.
 
     ``example_input``: a batch of real inputs to trace with (and count MACs on). ``data``: needed
     for ``importance="taylor"`` and for ``steps > 1``. ``target``: its ``channel_multiple`` is the
-    width multiple unless ``config.round_to`` is set. ``train_config`` (a ``training.TrainConfig``)
-    and ``teacher``: the fine-tuning between steps when ``config.steps > 1`` (with distillation
-    from ``teacher`` when ``train_config.distill`` is set); the last step is not fine-tuned here.
+    width multiple unless ``config.round_to`` is set. ``train_fn`` (``core.loops``) and ``teacher``:
+    the fine-tuning between steps, ``config.train``, when ``config.steps > 1`` (with distillation
+    from ``teacher`` when ``train.distill`` is set); the last step is not fine-tuned here.
     """
     if not isinstance(config, ChannelPruning):
-        raise ConfigError(f"prune_channels: expected a ChannelPruning config, got {type(config).__name__}")
-    if get_masks(model):
-        raise ConfigError("prune_channels: the model carries unstructured pruning masks; call deepshrink.pruning.finalize(model) first")
-    if config.steps > 1 and (data is None or train_config is None):
-        raise ConfigError(f"ChannelPruning.steps: {config.steps} steps fine-tune between steps; pass data= and train_config= "
-                          f"(a TrainConfig), or use steps: 1")
+        raise ConfigError(f"prune: expected a ChannelPruning config, got {type(config).__name__}")
+    if has_masks(model):
+        raise ConfigError("ChannelPruning: the model carries unstructured pruning masks; call deepshrink.finalize(model) first")
+    if config.steps > 1 and (data is None or config.train is None):
+        raise ConfigError(f"ChannelPruning.steps: {config.steps} steps fine-tune between steps; pass data= and set "
+                          f"train: (a TrainConfig, e.g. {{epochs: 2}}), or use steps: 1")
+    if config.steps > 1 and train_fn is None:
+        run_training(None, model, data, config.train, who="ChannelPruning.steps")   # raises, naming the fix
     multiple = config.round_to or get_target(target).channel_multiple
     widths_before = _layer_widths(model)
     report = StructuredReport(macs_before=_macs(model, example_input), channel_multiple=multiple)
@@ -107,10 +121,9 @@ def prune_channels(
             "groups": [{"layers": list(g.layers), "before": g.size, "after": k} for g, k in zip(groups, counts)],
         }
         if step < config.steps:
-            from deepshrink.training import fit
-
-            history = fit(model, data, train_config, teacher=teacher, progress=progress)
-            entry["val_accuracy"] = max(history.val_accuracy) if history.val_accuracy else None
+            history = run_training(train_fn, model, data, config.train, who="ChannelPruning.steps", teacher=teacher)
+            accuracies = getattr(history, "val_accuracy", None)
+            entry["val_accuracy"] = max(accuracies) if accuracies else None
         report.steps.append(entry)
     first, last = report.steps[0]["groups"], {tuple(g["layers"]): g["after"] for g in report.steps[-1]["groups"]}
     report.groups = [{"layers": g["layers"], "before": g["before"], "after": last.get(tuple(g["layers"]), g["after"])} for g in first]
@@ -119,6 +132,32 @@ def prune_channels(
     report.macs_after = _macs(model, example_input)
     report.arch = record_widths(model)
     return report
+
+
+def prune_channels(
+    model: nn.Module,
+    config: ChannelPruning,
+    *,
+    example_input: torch.Tensor,
+    data: DataSplits | None = None,
+    target: str = "xnnpack",
+    train_config: TrainConfig | None = None,
+    teacher: nn.Module | None = None,
+    progress: bool | None = False,
+    train_fn: TrainFn | None = None,
+) -> StructuredReport:
+    """Deprecated: ``prune(model, ChannelPruning(..., train=train_config), example_input=..., data=...,
+    train_fn=...)``, then ``prune_report(model)``. ``deepshrink.prune`` passes
+    ``deepshrink.training.fit`` as the loop; here, without ``train_fn``, ``steps > 1`` fails."""
+    warnings.warn("prune_channels is deprecated and will be removed in the next release: use "
+                  "deepshrink.prune(model, ChannelPruning(...), example_input=...)", DeprecationWarning, stacklevel=2)
+    if isinstance(config, ChannelPruning) and config.steps > 1 and (data is None or (train_config is None and config.train is None)):
+        raise ConfigError(f"ChannelPruning.steps: {config.steps} steps fine-tune between steps; pass data= and train_config= "
+                          f"(a TrainConfig), or use steps: 1")
+    if train_config is not None and isinstance(config, ChannelPruning):
+        config = replace(config, train=train_config)
+    return shrink_model(model, config, example_input=example_input, data=data, target=target, train_fn=train_fn,
+                        teacher=teacher)
 
 
 def _signature(group: ChannelGroup) -> tuple:
@@ -191,7 +230,7 @@ def _check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
     try:
         model(example_input)
     except Exception as err:
-        raise ShrinkError(f"prune_channels: the shrunk {type(model).__name__} no longer runs ({type(err).__name__}: {err}); "
+        raise ShrinkError(f"ChannelPruning: the shrunk {type(model).__name__} no longer runs ({type(err).__name__}: {err}); "
                           f"this is a dependency-analysis bug, please report it with the model") from err
     finally:
         model.train(was_training)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deepshrink.core.config import check
+from deepshrink.core.loops import TrainConfig
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor"]
 
@@ -28,7 +29,8 @@ class ChannelPruning:
     / may not be pruned (empty ``layers`` = all); a skipped layer also keeps every channel coupled
     to it. ``overrides``: ``{pattern: ratio}`` for groups containing a matching layer (the first
     pattern that matches any of the group's layers wins), used as a local ratio in both scopes.
-    ``steps``: >1 prunes in equal steps of ``ratio / steps`` with fine-tuning between them.
+    ``steps``: >1 prunes in equal steps of ``ratio / steps`` with fine-tuning between them,
+    ``train`` each time (through ``prune``'s ``train_fn``); the last step is not fine-tuned here.
     """
 
     ratio: float = 0.5
@@ -42,6 +44,7 @@ class ChannelPruning:
     batches: int = 8
     batch_size: int = 64
     seed: int = 0
+    train: TrainConfig | None = None
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio < 1.0, "ratio", f"{self.ratio} is outside [0, 1); use e.g. 0.5 to remove half the channels")

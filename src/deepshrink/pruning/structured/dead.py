@@ -46,7 +46,7 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, *, multi
     the layers that lost output channels (their readers shrink to match). ``multiple``: widths are rounded up to it (by keeping some dead
     channels, still exact), e.g. 8 for XNNPACK kernels. Every layer keeps at least one channel.
     Pruning masks on the model are carried over to the smaller layers, and a zoo model's
-    architecture record gets the new widths (as ``prune_channels`` does)."""
+    architecture record gets the new widths (as ``ChannelPruning`` does)."""
     masks = detach_masks(model)
     graph = analyze_channels(model, example_input, warn=False)
     groups = graph.groups()
@@ -59,9 +59,9 @@ def remove_dead_channels(model: nn.Module, example_input: torch.Tensor, *, multi
         keeps.append(keep)
     changed = {name: (before, after) for name, (before, after)
                in shrink_channels(model, ChannelPlan.from_keep(graph, groups, keeps)).items() if before != after}
+    if changed:
+        record_widths(model)  # a zoo model's checkpoint must rebuild the narrower skeleton (checked on plain names)
     if masks:
         params = dict(model.named_parameters())
         attach_masks(model, {name: params[name] != 0 for name in masks if name in params})
-    if changed:
-        record_widths(model)  # a zoo model's checkpoint must rebuild the narrower skeleton
     return changed

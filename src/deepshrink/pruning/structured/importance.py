@@ -126,5 +126,5 @@ def taylor_scores(
 def train_batches(data: DataSplits | None, *, batches: int, batch_size: int, seed: int) -> list[Batch]:
     if data is None:
         raise ConfigError(f"ChannelPruning.importance: 'taylor' needs data (it averages gradients over {batches} batches of "
-                          f"data.train); call prune_channels(..., data=splits), or use 'l1', which needs none")
+                          f"data.train); call prune(model, ChannelPruning(...), data=splits), or use 'l1', which needs none")
     return list(islice(data.loader("train", batch_size=batch_size, shuffle=True, seed=seed), batches))

@@ -15,21 +15,24 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.loops import TrainConfig, TrainFn, run_training
+from deepshrink.core.masks import raw_parameter
 from deepshrink.data.splits import DataSplits
 from deepshrink.ops.nonuniform import centroid_gradients, decode
 from deepshrink.quantization.lowbit.configs import Codebook
 from deepshrink.quantization.lowbit.weights import (CodebookWeight, fit_codebook, layer_widths, masks_detached,
                                                     present_mask, quantized_weights, set_quantized)
-from deepshrink.training import TrainConfig, fit
 
 
-def codebook_quantize_(model: nn.Module, config: Codebook, *, data: DataSplits | None = None) -> nn.Module:
+def codebook_quantize_(model: nn.Module, config: Codebook, *, data: DataSplits | None = None,
+                       train_fn: TrainFn | None = None) -> nn.Module:
     """Replace each selected layer's weights by one codebook of ``2^bits`` levels, in place;
-    then, if ``config.finetune_epochs``, fine-tune the levels on ``data.train``."""
+    then, with ``config.train``, fine-tune the levels on ``data.train`` through ``train_fn``."""
     widths = layer_widths(model, config.bits, config.layers, what="Codebook")
-    if config.finetune_epochs and data is None:
-        raise ConfigError(f"Codebook.finetune_epochs: {config.finetune_epochs} needs training data; "
-                          "pass data=... or set finetune_epochs: 0")
+    if config.finetunes and data is None:
+        raise ConfigError("Codebook.train: fine-tuning needs training data; pass data=... or leave train out")
+    if config.finetunes and train_fn is None:
+        run_training(None, model, data, config.train, who="Codebook fine-tuning")   # raises before the model changes
     modules = dict(model.named_modules())
     fitted = {}
     for name, bits in widths.items():
@@ -39,14 +42,14 @@ def codebook_quantize_(model: nn.Module, config: Codebook, *, data: DataSplits |
                                     kmeans_init=config.kmeans_init, kmeans_iters=config.kmeans_iters, layer=name)
     for name, qw in fitted.items():
         set_quantized(model, f"{name}.weight", modules[name].weight, qw)
-    if config.finetune_epochs:
-        finetune_codebooks(model, data, layers=list(fitted), train=TrainConfig(
-            epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=config.batch_size, seed=config.seed))
+    if config.finetunes:
+        finetune_codebooks(model, data, layers=list(fitted), train=config.train, train_fn=train_fn)
     return model
 
 
-def finetune_codebooks(model: nn.Module, data: DataSplits, *, layers: list[str], train: TrainConfig) -> nn.Module:
-    """Train the codebooks of ``layers`` (already codebook-quantized) with ``fit``, in place.
+def finetune_codebooks(model: nn.Module, data: DataSplits, *, layers: list[str], train: TrainConfig,
+                       train_fn: TrainFn | None = None) -> nn.Module:
+    """Train the codebooks of ``layers`` (already codebook-quantized) with ``train_fn``, in place.
 
     Other low-bit weights are frozen so their codes stay valid; the indices never change.
     """
@@ -55,12 +58,12 @@ def finetune_codebooks(model: nn.Module, data: DataSplits, *, layers: list[str],
     for name in layers:
         if not isinstance(record.get(f"{name}.weight"), CodebookWeight):
             raise ConfigError(f"finetune_codebooks: layer {name} has no codebook; quantize it with Codebook first")
-    frozen = [modules[n.rsplit(".", 1)[0]].weight for n in record if n.rsplit(".", 1)[0] not in layers]
+    frozen = [raw_parameter(model, n) for n in record if n.rsplit(".", 1)[0] not in layers]
     with _frozen(frozen), masks_detached(model):
         for name in layers:
             parametrize.register_parametrization(modules[name], "weight", _SharedWeight(record[f"{name}.weight"]))
         try:
-            fit(model, data, train, progress=False)
+            run_training(train_fn, model, data, train, who="Codebook fine-tuning")
         finally:
             trained = {name: modules[name].parametrizations.weight[0] for name in layers}
             for name in layers:

@@ -9,9 +9,10 @@ keeps conv1 in float. A pattern that matches no layer is an error. Activations s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from deepshrink.core.config import check
+from deepshrink.core.loops import TrainConfig
 
 MIN_BITS, MAX_BITS = 2, 8
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
@@ -66,23 +67,19 @@ class WeightQAT(UniformWeights):
 
     ``method``: ``"ste"`` fake-quantizes with min/max scales recomputed each step and passes
     gradients straight through; ``"lsq"`` learns one step size per channel (or tensor) as
-    well (Esser et al. 2020; symmetric, per_tensor or per_channel only). Training runs
-    ``deepshrink.training.fit`` for ``epochs`` with Adam at ``lr`` (cosine decay), keeping the
-    best validation epoch; ``distill`` uses the float model as teacher.
+    well (Esser et al. 2020; symmetric, per_tensor or per_channel only). ``train``: the
+    training, run by ``quantize``'s ``train_fn`` (``core.loops``; ``deepshrink.quantize`` passes
+    ``deepshrink.training.fit``: Adam, cosine decay, the best validation epoch kept);
+    ``train.distill`` distils from the float model as teacher.
     """
 
     method: Literal["ste", "lsq"] = "lsq"
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 64
-    distill: bool = False
-    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-4))
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {k: f"train.{k}" for k in ("epochs", "lr", "batch_size", "distill", "seed")}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(isinstance(self.epochs, int) and self.epochs >= 0, "epochs", f"{self.epochs!r} must be an integer >= 0")
-        check(self.lr > 0, "lr", f"{self.lr} must be > 0, e.g. 1e-4")
-        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
         if self.method == "lsq":
             check(self.symmetric, "symmetric",
                   "false is not supported by method lsq, which learns a scale but no zero point; use method ste")
@@ -98,9 +95,10 @@ class Codebook:
     density), ``"equal_population"`` (levels at the means of equally full bins), or
     ``"power_of_two"`` (0 and +-2^k: ``2^bits - 1`` levels, multiplication becomes a shift).
     Pruned weights (attached masks, else exact zeros) are left out of the fit and stay zero.
-    ``finetune_epochs`` > 0 then trains the levels by the summed gradients of their members
-    (and the float parameters: biases, unquantized layers) with Adam at ``finetune_lr``;
-    not allowed for ``power_of_two``, whose levels would leave the powers of two.
+    ``train`` (None: no fine-tuning) then trains the levels by the summed gradients of their
+    members (and the float parameters: biases, unquantized layers), run by ``quantize``'s
+    ``train_fn`` (``core.loops``); not allowed for ``power_of_two``, whose levels would leave the
+    powers of two.
     """
 
     method: Literal["kmeans", "equal_population", "power_of_two"] = "kmeans"
@@ -108,23 +106,23 @@ class Codebook:
     layers: dict[str, int | None] = field(default_factory=dict)
     kmeans_init: Literal["linear", "density"] = "linear"
     kmeans_iters: int = 100
-    finetune_epochs: int = 0
-    finetune_lr: float = 1e-4
-    batch_size: int = 64
-    seed: int = 0
+    train: TrainConfig | None = None
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"finetune_epochs": "train.epochs", "finetune_lr": "train.lr",
+                                            "batch_size": "train.batch_size", "seed": "train.seed"}
+
+    @property
+    def finetunes(self) -> bool:
+        return self.train is not None and self.train.epochs > 0
 
     def __post_init__(self) -> None:
         _check_width(self.bits, "bits")
         _check_layers(self.layers)
         check(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0, "kmeans_iters",
               f"{self.kmeans_iters!r} must be an integer >= 0, e.g. 100")
-        check(isinstance(self.finetune_epochs, int) and self.finetune_epochs >= 0, "finetune_epochs",
-              f"{self.finetune_epochs!r} must be an integer >= 0")
-        check(self.finetune_lr > 0, "finetune_lr", f"{self.finetune_lr} must be > 0, e.g. 1e-4")
-        check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
-        check(not (self.method == "power_of_two" and self.finetune_epochs), "finetune_epochs",
-              f"{self.finetune_epochs} with method power_of_two would move its levels off the powers of two; "
-              "use method kmeans to fine-tune, or finetune_epochs: 0")
+        check(not (self.method == "power_of_two" and self.finetunes), "train",
+              "fine-tuning with method power_of_two would move its levels off the powers of two; "
+              "use method kmeans to fine-tune, or leave train out")
 
 
 __all__ = ["MIN_BITS", "MAX_BITS", "UniformWeights", "WeightOnly", "WeightQAT", "Codebook"]

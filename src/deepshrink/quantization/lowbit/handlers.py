@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from torch import nn
 
-from deepshrink.quantization.api import _HANDLERS
+from deepshrink.quantization.api import QUANTIZERS, QuantizeCall
 from deepshrink.quantization.lowbit.codebook import codebook_quantize_
 from deepshrink.quantization.lowbit.configs import Codebook, WeightOnly, WeightQAT
 from deepshrink.quantization.lowbit.qat import train_qat_
 from deepshrink.quantization.lowbit.uniform import quantize_weights_
 
 
-@_HANDLERS.register(WeightOnly)
-def _weight_only(model: nn.Module, config: WeightOnly, data, target) -> nn.Module:
+@QUANTIZERS.register(WeightOnly, name="weight-only")
+def _weight_only(model: nn.Module, config: WeightOnly, call: QuantizeCall) -> nn.Module:
     return quantize_weights_(model, config)
 
 
-@_HANDLERS.register(Codebook)
-def _codebook(model: nn.Module, config: Codebook, data, target) -> nn.Module:
-    return codebook_quantize_(model, config, data=data)
+@QUANTIZERS.register(WeightQAT, name="weight-qat")
+def _weight_qat(model: nn.Module, config: WeightQAT, call: QuantizeCall) -> nn.Module:
+    return train_qat_(model, config, data=call.data, train_fn=call.train_fn)
 
 
-@_HANDLERS.register(WeightQAT)
-def _weight_qat(model: nn.Module, config: WeightQAT, data, target) -> nn.Module:
-    return train_qat_(model, config, data=data)
+@QUANTIZERS.register(Codebook, name="codebook")
+def _codebook(model: nn.Module, config: Codebook, call: QuantizeCall) -> nn.Module:
+    return codebook_quantize_(model, config, data=call.data, train_fn=call.train_fn)

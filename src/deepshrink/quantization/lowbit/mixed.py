@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.masks import raw_parameter
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.lowbit.configs import MAX_BITS, MIN_BITS, UniformWeights, WeightOnly
 from deepshrink.quantization.lowbit.uniform import quantize_weights_
@@ -147,8 +148,8 @@ def bit_sensitivity(model: nn.Module, data: DataSplits, widths: Sequence[int] = 
     base_loss, base_acc, _ = _measure(model, data, split, batch_size, reference)
     result = BitSensitivity(baseline_loss=base_loss, baseline_accuracy=base_acc)
     for name in layers:
-        weight = modules[name].weight
-        original = weight.detach().clone()
+        weight = raw_parameter(model, f"{name}.weight")   # behind a pruning mask, the tensor it reads
+        original = modules[name].weight.detach().clone()
         result.sizes[name] = weight.numel()
         result.loss[name], result.accuracy[name], result.kl[name] = {}, {}, {}
         try:

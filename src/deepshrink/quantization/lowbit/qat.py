@@ -15,14 +15,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.loops import TrainFn, run_training
 from deepshrink.data.splits import DataSplits
 from deepshrink.ops.quant_math import (DEFAULT_EPS, choose_qparams, fake_quantize, lsq_fake_quantize, lsq_grad_scale,
                                        qrange, quantize_affine)
 from deepshrink.quantization.lowbit.configs import WeightQAT
 from deepshrink.quantization.lowbit.weights import (AffineWeight, fit_affine, layer_widths, layout, masks_detached,
                                                     present_mask, set_quantized)
-from deepshrink.training import Distillation, TrainConfig, fit
-
 _ATTR = "_deepshrink_qat"
 
 
@@ -64,15 +63,16 @@ def convert_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def train_qat_(model: nn.Module, config: WeightQAT, *, data: DataSplits) -> nn.Module:
-    """prepare, ``fit`` on ``data`` for ``config.epochs``, convert: the whole QAT step, in place."""
-    teacher = copy.deepcopy(model).eval() if config.distill else None
-    train = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
-                        distill=Distillation() if config.distill else None)
+def train_qat_(model: nn.Module, config: WeightQAT, *, data: DataSplits, train_fn: TrainFn | None = None) -> nn.Module:
+    """prepare, ``train_fn`` on ``data`` as ``config.train`` says, convert: the whole QAT step, in place."""
+    if train_fn is None and config.train.epochs:
+        run_training(None, model, data, config.train, who="WeightQAT")   # raises before the model changes
+    teacher = copy.deepcopy(model).eval() if config.train.distill is not None else None
     with masks_detached(model):
         prepare_qat(model, config)
         try:
-            fit(model, data, train, teacher=teacher, progress=False)
+            if config.train.epochs:
+                run_training(train_fn, model, data, config.train, who="WeightQAT", teacher=teacher)
         finally:
             convert_qat(model)
     return model

@@ -29,7 +29,7 @@ from torch import nn
 
 from deepshrink.core.errors import ArtifactError, ConfigError, ModelLoadError
 from deepshrink.formats.container import read_container, record_for, write_container
-from deepshrink.models.loading import build_from_arch
+from deepshrink.models.loading import build_from_arch, check_fits_weights
 from deepshrink.models.zoo import get_arch
 from deepshrink.ops.quant_math import dequantize_affine, integer_dtype, qrange
 from deepshrink.quantization.lowbit.weights import (AffineWeight, CodebookWeight, quantized_weights, set_quantized)
@@ -94,6 +94,7 @@ def load_compressed(path: str | os.PathLike, *, code: str | None = None) -> nn.M
         qw = _decode_weight(path, name, spec, tensors)
         quantized[name] = qw
         state[name] = qw.dequantize()
+    check_fits_weights(arch, state, where=str(path))
     model = build_from_arch(arch, where=str(path), code=code)
     try:
         model.load_state_dict(state, strict=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from deepshrink.core.errors import ConfigError
-from deepshrink.core.masks import attach_masks, detach_masks, get_masks
+from deepshrink.core.masks import get_masks, raw_parameter, without_masks
 from deepshrink.core.selection import first_match, select, weighted_layers
 from deepshrink.ops.nonuniform import decode, equal_population_codebook, kmeans_codebook, power_of_two_codebook
 from deepshrink.ops.quant_math import choose_qparams, dequantize_affine, qrange, quantize_affine
@@ -136,9 +136,11 @@ def quantized_weights(model: nn.Module) -> Mapping[str, QuantizedWeight]:
 
 
 def set_quantized(model: nn.Module, param_name: str, weight: nn.Parameter, qw: QuantizedWeight) -> None:
-    """Write ``qw``'s float values into ``weight`` and remember its codes on ``model``."""
+    """Write ``qw``'s float values into ``weight`` (behind a pruning mask: the tensor it reads) and
+    remember its codes on ``model``."""
+    target = raw_parameter(model, param_name)
     with torch.no_grad():
-        weight.copy_(qw.dequantize().to(weight.dtype))
+        target.copy_(qw.dequantize().to(target.dtype))
     record = dict(quantized_weights(model))
     record[param_name] = qw
     object.__setattr__(model, _ATTR, record)
@@ -155,14 +157,10 @@ def layout(granularity: str, group_size: int | None) -> dict:
 
 @contextlib.contextmanager
 def masks_detached(model: nn.Module) -> Iterator[None]:
-    """The training loop re-applies masks by parameter name, which a parametrization renames;
-    the low-bit parametrizations hold pruned weights at 0 themselves, so masks step aside meanwhile."""
-    masks = detach_masks(model)
-    try:
+    """The low-bit parametrizations (fake quantization, shared codebooks) replace ``weight`` and
+    hold pruned weights at 0 themselves, so the pruning masks step aside meanwhile."""
+    with without_masks(model):
         yield
-    finally:
-        if masks:
-            attach_masks(model, masks)
 
 
 __all__ = ["AffineWeight", "CodebookWeight", "QuantizedWeight", "fit_affine", "fit_codebook", "layer_widths",
