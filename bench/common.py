@@ -27,7 +27,8 @@ def provenance(command: str, threads: int | None = None) -> str:
         f"- what that means: {cpu_info().int8_caveat()}",
         f"- packages: {pkgs}",
         f"- load average at start (1/5/15 min): {' / '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} cores"
-        " — above the core count other work shared the CPU: absolute times are inflated, in-run interleaved ratios less so",
+        + (" — above the core count other work shared the CPU: absolute times are inflated, in-run interleaved ratios less so"
+           if max(os.getloadavg()) > (os.cpu_count() or 1) else ""),
     ]
     if threads is not None:
         lines.append(f"- threads: {threads}")
