@@ -326,3 +326,16 @@ def test_inputs_of_the_wrong_shape_name_the_input_and_dimension(kind, error, fra
     code, lines = cli(capsys, "evaluate", valid[kind], "--data", "digits", "--image-size", "14", "--runs", "1",
                       "--warmup", "0")
     one_error_line(code, lines, valid[kind].name, *fragments, "--image-size")
+
+
+def test_a_pte_whose_extended_header_runs_past_the_file_is_refused():
+    import struct
+
+    from deepshrink.core.errors import ArtifactError
+    from deepshrink.evaluation.verify import check_pte
+
+    # root offset, "ET12", then "eh00" with a length of 32: the header's optional field lies beyond byte 32
+    data = struct.pack("<I", 16) + b"ET12" + b"eh00" + struct.pack("<IQQ", 32, 32, 0)
+    assert len(data) == 32
+    with pytest.raises(ArtifactError, match="truncated: its extended header claims 32 bytes, the file has 32"):
+        check_pte(data, "short.pte")

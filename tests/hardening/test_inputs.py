@@ -170,32 +170,39 @@ def test_a_bad_flag_is_one_line(args, fragments, valid, tmp_path, capsys):
 RECIPE = "name: t\nmodel: seed-mlp\nmodel_args: {hidden: [8]}\ndata: {name: digits}\nstages:\n  - train: {epochs: 1}\n"
 
 
-def read_only(tmp_path: Path) -> Path:
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
+def read_only(tmp_path: Path, monkeypatch) -> Path:
     d = tmp_path / "ro"
     d.mkdir()
     d.chmod(0o555)
+    if os.geteuid() == 0:   # root writes into read-only directories: the kernel's answer for anyone else
+        real = os.mkdir
+
+        def refuse(path, *args, **kwargs):
+            if Path(path).parent == d:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", refuse)
     return d / "out"
 
 
 # (id, the --out path from tmp_path, fragments)
 OUT_CASES = [
-    ("out-is-a-file", lambda t: (t / "f.txt", (t / "f.txt").write_text("x"))[0], ["it is a file, not a directory"]),
-    ("out-under-a-file", lambda t: (t / "f.txt", (t / "f.txt").write_text("x"))[0] / "sub",
+    ("out-is-a-file", lambda t, _: (t / "f.txt", (t / "f.txt").write_text("x"))[0], ["it is a file, not a directory"]),
+    ("out-under-a-file", lambda t, _: (t / "f.txt", (t / "f.txt").write_text("x"))[0] / "sub",
      ["a part of that path is a file"]),
-    ("out-under-dev-null", lambda t: Path("/dev/null/out"), ["a part of that path is a file"]),
-    ("out-in-proc", lambda t: Path("/proc/deepshrink-out"), ["cannot create files there"]),
-    ("out-in-sys", lambda t: Path("/sys/deepshrink-out"), ["/sys/deepshrink-out"]),
+    ("out-under-dev-null", lambda t, _: Path("/dev/null/out"), ["a part of that path is a file"]),
+    ("out-in-proc", lambda t, _: Path("/proc/deepshrink-out"), ["cannot create files there"]),
+    ("out-in-sys", lambda t, _: Path("/sys/deepshrink-out"), ["/sys/deepshrink-out"]),
     ("out-read-only", read_only, ["permission denied"]),
 ]
 
 
 @pytest.mark.parametrize("out, fragments", [c[1:] for c in OUT_CASES], ids=[c[0] for c in OUT_CASES])
-def test_an_output_directory_that_cannot_be_written_is_refused_up_front(out, fragments, tmp_path, capsys):
+def test_an_output_directory_that_cannot_be_written_is_refused_up_front(out, fragments, tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
-    target = out(tmp_path)
+    target = out(tmp_path, monkeypatch)
     code, lines = cli(capsys, "run", recipe, "--out", target)
     one_error_line(code, lines, "output directory", *fragments)
     from deepshrink.pipeline import load_recipe, run_recipe

@@ -120,14 +120,6 @@ def has_masks(model: nn.Module) -> bool:
         isinstance(m, MaskParametrization) for m in model.modules())
 
 
-@torch.no_grad()
-def apply_masks(model: nn.Module) -> None:
-    """Zero the pruned entries of the trained tensors. Never needed for correctness (the
-    parametrization already reads them as 0); kept for code that reads ``raw_parameter``."""
-    for name, mask in get_masks(model).items():
-        raw_parameter(model, name).masked_fill_(~mask, 0)
-
-
 def detach_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Remove the masks and return them: the module is plain again, its pruned weights exact zeros
     (the same ``Parameter`` objects, so an optimizer holding them keeps working)."""
@@ -176,5 +168,5 @@ def load_masked_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     return model.load_state_dict(state, strict=strict)
 
 
-__all__ = ["MaskParametrization", "attach_masks", "get_masks", "has_masks", "apply_masks", "detach_masks",
+__all__ = ["MaskParametrization", "attach_masks", "get_masks", "has_masks", "detach_masks",
            "without_masks", "raw_parameter", "masks_in_state_dict", "load_masked_state_dict"]

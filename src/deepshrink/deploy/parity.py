@@ -107,12 +107,6 @@ def output_steps(model) -> list[float | None]:
     return steps
 
 
-def output_step(model) -> float | None:
-    """The quantization step of a PT2E graph's first output (None when it is not quantized)."""
-    steps = output_steps(model)
-    return steps[0] if steps else None
-
-
 def is_quantized(model) -> bool:
     graph = getattr(model, "graph", None)
     return graph is not None and any(

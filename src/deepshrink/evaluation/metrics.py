@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from deepshrink.core import samples as S
 from deepshrink.core.progress import progress
@@ -148,7 +148,7 @@ def evaluate(
     runner = open_runner(artifact, threads=threads, code=code, isolate=isolate)
     reference_outputs = None
     if reference is not None:
-        reference_outputs = run_outputs(open_runner(reference, threads=threads, isolate=isolate), eval_batches(test)[0])
+        reference_outputs = run_outputs(open_runner(reference, threads=threads, isolate=isolate, code=code), eval_batches(test)[0])
     info = describe(artifact, runner, test, label=label, reference_outputs=reference_outputs, fidelity_kind=fidelity, metric=metric)
     x1 = S.stack([test[0][0]])
     times = measure_latency(runner.predict, x1, runs=latency_runs, warmup=warmup) if latency_runs else []

@@ -49,6 +49,8 @@ def check_pte(data: bytes, where: str | os.PathLike) -> None:
         raise refuse(f"bytes 8-12 are {magic!r}, where the extended header {_EXTENDED_MAGIC.decode()!r} starts")
     if not _EXTENDED.size <= length <= 64:
         raise refuse(f"its extended header claims {length} bytes (valid: {_EXTENDED.size}-64)")
+    if 8 + length > len(data):
+        raise refuse(f"the file is truncated: its extended header claims {length} bytes, the file has {len(data)}")
     segment_size = _SEGMENT_SIZE.unpack_from(data, 8 + _EXTENDED.size)[0] if length >= _EXTENDED.size + 8 else 0
     if program_size > len(data):
         raise refuse(f"the file is truncated: its header says the program is {program_size} bytes, the file has {len(data)}")

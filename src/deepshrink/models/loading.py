@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ def load(spec: str | os.PathLike, *, code: str | None = None, **kwargs: Any) -> 
     """A module from a spec. ``code``: ``path/to/file.py:NAME`` that rebuilds a checkpoint made from
     your own code — a checkpoint never names code that loading would run by itself."""
     text = str(spec)
-    if text.endswith((".safetensors", ".pt2", ".dsk")) or (Path(text).suffix in {".pt", ".pth", ".ckpt"}):
+    if text.endswith((".safetensors", ".pt2", ".dsk")) or (Path(text).suffix in PICKLE_SUFFIXES):
         return load_checkpoint(text, code=code)
     if ":" in text and text.split(":", 1)[0].endswith(".py"):
         return load_user_class(text, **kwargs)

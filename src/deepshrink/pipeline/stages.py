@@ -102,16 +102,24 @@ def _teacher(state: RunState, config: TrainConfig | None):
     return state.baseline if config is not None and config.distill is not None else None
 
 
-def _train_fn(ctx):
-    """The loop the transforms that train are handed: ``fit`` (they never import it themselves)."""
-    return functools.partial(fit, progress=ctx.progress)
+def _train_fn(ctx, state: RunState):
+    """The loop the transforms that train are handed: ``fit`` (they never import it themselves);
+    on raw inputs without labels it distils from the original model, whoever calls it."""
+    def train(model, data, config, *, teacher=None, **kwargs):
+        return fit(model, data, config, teacher=_label_free_teacher(state, ctx, teacher), progress=ctx.progress, **kwargs)
+
+    return train
+
+
+def _label_free_teacher(state: RunState, ctx, teacher):
+    """``teacher``, or on raw inputs only the dense baseline: there is nothing else to learn from."""
+    return state.baseline if teacher is None and not ctx.data.labelled else teacher
 
 
 def _fit_resumable(state: RunState, config: TrainConfig, ctx, name: str, teacher=None):
     """``fit`` with per-epoch state in ``<out>/state/<name>-epoch.pt``, removed once the training ends."""
     epoch_file = ctx.out_dir / "state" / f"{name}-epoch.pt"
-    if teacher is None and not ctx.data.labelled:
-        teacher = state.baseline   # raw inputs only: distil from the original model
+    teacher = _label_free_teacher(state, ctx, teacher)
     history = fit(state.model, ctx.data, config, teacher=teacher, progress=ctx.progress, resume_path=epoch_file)
     epoch_file.unlink(missing_ok=True)
     return history
@@ -142,7 +150,7 @@ def _sensitivity(state: RunState, stage: PruneStage, data, ctx) -> tuple[object,
 
     options = stage.sensitivity
     curves = layer_sensitivity(state.model, data, tuple(options.sparsities), criterion=stage.pruning,
-                               accuracy_fn=accuracy, train_fn=_train_fn(ctx))
+                               accuracy_fn=accuracy, train_fn=_train_fn(ctx, state))
     if options.max_drop is not None:
         proposal = propose_sparsities(curves, max_drop=options.max_drop)
     else:
@@ -154,7 +162,7 @@ def _sensitivity(state: RunState, stage: PruneStage, data, ctx) -> tuple[object,
 def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
     config = stage.pruning if stage.retrain is None else replace(stage.pruning, train=stage.retrain)
     prune(state.model, config, example_input=ctx.example_batch(8), data=ctx.data, target=ctx.target.name,
-          train_fn=_train_fn(ctx), teacher=_teacher(state, config.train))
+          train_fn=_train_fn(ctx, state), teacher=_teacher(state, config.train))
     report = prune_report(state.model)
     acc = _test_accuracy(state.model, ctx, state)
     layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
@@ -183,7 +191,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
         extra = {"sensitivity": extra}
     teacher = _teacher(state, stage.retrain)
     if stage.schedule is None:
-        report = prune_report(prune(state.model, config, data=ctx.data, train_fn=_train_fn(ctx)))
+        report = prune_report(prune(state.model, config, data=ctx.data, train_fn=_train_fn(ctx, state)))
         acc = _test_accuracy(state.model, ctx, state)
         line = f"sparsity {report.sparsity:.1%} of pruned layers, {_score_name(ctx)} {acc:.2%}"
         if stage.retrain is None:
@@ -195,7 +203,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
                 "retrain": {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch},
                 "line": f"{line} after pruning, {after:.2%} after {len(history.val_accuracy)} retrain epochs"}
     scheduled = ScheduledPruning(config, stage.schedule, stage.retrain)
-    steps = prune_report(prune(state.model, scheduled, data=ctx.data, train_fn=_train_fn(ctx), teacher=teacher)).steps
+    steps = prune_report(prune(state.model, scheduled, data=ctx.data, train_fn=_train_fn(ctx, state), teacher=teacher)).steps
     report = next(s.report for s in reversed(steps) if s.report is not None)
     acc = _test_accuracy(state.model, ctx, state)
     rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": list(getattr(s.history, "val_accuracy", None) or [])}
@@ -249,7 +257,7 @@ def _quantize(state: RunState, config, ctx) -> dict:
     if reason:
         ctx.log(f"      {reason}")
     float_macs = count_macs(state.model, ctx.example_batch(1))  # the summary's; the graph counts the same itself
-    state.model = quantize(state.model, config, data=ctx.data, target=ctx.target, train_fn=_train_fn(ctx),
+    state.model = quantize(state.model, config, data=ctx.data, target=ctx.target, train_fn=_train_fn(ctx, state),
                            accuracy_fn=accuracy)
     state.quantization = {**state.model._deepshrink_quant, "macs": float_macs}
     for line in state.quantization.get("budget_steps", []):
@@ -268,14 +276,14 @@ def _export(state: RunState, config: ExportStage, ctx) -> dict:
     # real test samples, of every shape among the first ones when shapes vary
     parity_samples = ctx.data.inputs("test", config.parity_samples)
     dynamic = ctx.data.dynamic
-    jobs = [(COMPRESSED, state.model, None)]   # every module counts its own MACs, quantized graphs too
+    jobs = [(COMPRESSED, state.model)]   # every module counts its own MACs, quantized graphs too
     if config.baseline and state.baseline is not None:
-        jobs.insert(0, (FP32, state.baseline, None))
+        jobs.insert(0, (FP32, state.baseline))
     lines = []
-    for role, module, macs in jobs:
+    for role, module in jobs:
         for fmt in config.formats or (ctx.target.export_format,):
             path = ctx.out_dir / f"{role}.{fmt}"
-            result = export(module, path, example_input=example, target=ctx.target, macs=macs, parity=config.parity,
+            result = export(module, path, example_input=example, target=ctx.target, parity=config.parity,
                             parity_samples=parity_samples, dynamic=dynamic, static_batch=config.static_batch)
             sidecar = read_sidecar(path) or {}
             state.exports[f"{role} .{fmt}"] = {

@@ -43,7 +43,6 @@ class QuantizeCall:
 
 # config type -> handler(model, config, call) -> quantized model; the names are the recipe's ``scheme:``
 QUANTIZERS: Registry[Callable[[nn.Module, Any, QuantizeCall], nn.Module]] = Registry("quantize")
-_HANDLERS = QUANTIZERS   # the name earlier code registered through
 
 
 def quantize(model: nn.Module, config: object, *, data: DataSplits | None, target: TargetProfile | str = "xnnpack",
@@ -61,6 +60,8 @@ def quantize(model: nn.Module, config: object, *, data: DataSplits | None, targe
     """
     profile = get_target(target) if isinstance(target, str) else target
     if dynamic is not None:
+        if data is None:
+            raise ConfigError("quantize: dynamic= describes the data's varying dimensions; pass data= with it")
         data = dataclasses.replace(data, dynamic=dynamic)
     if has_masks(model):
         raise ConfigError("quantize: the model still carries pruning masks; call deepshrink.finalize(model) first")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 from typing import Callable
 
 import torch
@@ -138,7 +137,6 @@ def fit(
         history = History(**state["history"])
         best_acc, best_state, start_epoch = state["best_acc"], state["best_state"], state["epoch"] + 1
         torch.set_rng_state(state["rng"])
-    show = sys.stderr.isatty() if progress is None else progress
     # DDP under torchrun (its construction syncs rank 0's weights); no epochs, no collective at all
     trainee = distributed.wrap(model, on) if config.epochs else model
     for epoch in range(start_epoch, config.epochs):
@@ -161,8 +159,7 @@ def fit(
             scheduler.step()
             running += float(loss.detach()) * len(y)
             seen += len(y)
-            if show:
-                bar.set_postfix(loss=f"{running / seen:.4f}")
+            bar.set_postfix(loss=f"{running / seen:.4f}")
         running, seen = distributed.sum_over_ranks(running, seen)
         history.train_loss.append(running / max(seen, 1))
         acc = distributed.on_main(lambda: accuracy(model, val_loader, reference=teacher))
@@ -187,10 +184,3 @@ def fit(
     _set_eval(model)
     return history
 
-
-def _progress(loader: DataLoader, desc: str, show: bool):
-    if not show:
-        return loader
-    from tqdm import tqdm
-
-    return tqdm(loader, desc=desc, leave=False, file=sys.stderr)

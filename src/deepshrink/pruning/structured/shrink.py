@@ -121,10 +121,10 @@ def _conv(old: nn.modules.conv._ConvNd, kept, cls: type) -> nn.Module:
     return new
 
 
-def _linear(old: nn.Linear, kept, cls: type = nn.Linear) -> nn.Module:
+def _linear(old: nn.Linear, kept, cls: type) -> nn.Module:
     out_idx = _index(kept, "weight", 0, old.out_features)
     in_idx = _index(kept, "weight", 1, old.in_features)
-    new = nn.Linear(len(in_idx), len(out_idx), bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    new = cls(len(in_idx), len(out_idx), bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
     _copy(new.weight, old.weight.detach()[out_idx][:, in_idx])
     if old.bias is not None:
         _copy(new.bias, old.bias.detach()[out_idx])
