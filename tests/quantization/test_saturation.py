@@ -139,3 +139,18 @@ def test_the_gate_refuses_a_saturating_onnx_file_on_every_cpu(tmp_path):
     if not cpu_info().int8_pairs_saturate:
         assert f"failed in {EMULATED}" in message        # this CPU computes it right; the CPUs it will meet do not
     assert not (tmp_path / "full.onnx").exists()
+
+
+def test_the_sidecar_names_the_layers_that_saturate(tmp_path):
+    """Kept with parity: warn, the file's sidecar says which layers saturate (the ones to fix), over every parity batch."""
+    from deepshrink.deploy import export
+    from deepshrink.formats.sidecar import read_sidecar
+
+    model, data = saturating()
+    samples = [data.test[i][0] for i in range(16)]
+    full = quantize(model, Int8Static(int8_layout="s8s8", calibration="minmax"), data=data, target="onnxruntime")
+    export(full, tmp_path / "full.onnx", example_input=torch.stack(samples[:4]), parity="warn", parity_samples=samples)
+    record = read_sidecar(tmp_path / "full.onnx")["x86_saturation"]
+    by_layer = record["saturated_by_layer"]
+    assert record["can_saturate"] and sum(by_layer.values()) == record["total_saturated"] > 0
+    assert "conv2d" in by_layer    # the conv's full-range weights overflow (its int16 pair sums); the fix names it

@@ -155,15 +155,16 @@ def _parity_checks(model: nn.Module, path: Path, batches: list, layout: str | No
         if layout in SATURATION_SAFE_LAYOUTS:
             saturation = {"layout": layout, "can_saturate": False}
         else:
-            from deepshrink.quantization.saturation import emulate_x86_without_vnni
+            from deepshrink.quantization.saturation import SaturationReport, emulate_x86_without_vnni
 
-            emulated, counts = [], {"total_pairs": 0, "total_saturated": 0}
+            emulated, merged = [], SaturationReport()
             for b in batches:
                 out, report = emulate_x86_without_vnni(model, b)
                 emulated.append(output_tensors(out))
-                counts["total_pairs"] += report.total_pairs
-                counts["total_saturated"] += report.total_saturated
-            saturation = {"layout": layout, "can_saturate": True, **counts}
+                for total, part in ((merged.pairs, report.pairs), (merged.saturated, report.saturated)):
+                    for layer, n in part.items():
+                        total[layer] = total.get(layer, 0) + n
+            saturation = {"layout": layout, "can_saturate": True, **merged.as_dict()}   # which layers saturate: the fix
             checks.append(parity_check.measure_outputs(references, emulated, runtime=parity_check.EMULATED, steps=steps,
                                                        quantized=True))
     return checks, saturation
