@@ -1,10 +1,12 @@
 """Bad input: one line on stderr, exit code 2 — through the real console entry point."""
+import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from deepshrink.cli import main
 
@@ -74,7 +76,11 @@ def test_evaluate_json_on_a_checkpoint(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "m.safetensors"), "--data", "digits", "--json", "--runs", "3", "--warmup", "1"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["params"] == 203_530 and metrics["test_samples"] == 359
-    assert metrics["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
+    payload = (tmp_path / "m.safetensors").read_bytes()
+    assert metrics["file_bytes"] == len(payload)
+    assert metrics["gzip_bytes"] == len(gzip.compress(payload, 9, mtime=0))
+    assert metrics["zstd_bytes"] == len(zstandard.ZstdCompressor(level=19).compress(payload))
+    assert metrics["zstd_bytes"] < metrics["file_bytes"]   # fp32 weights: the exponents compress
     assert metrics["latency_runs"] == 3
 
 

@@ -244,7 +244,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if d["macs"] is not None:
         print(f"  MACs            {d['macs']:,}")
     if d["file_bytes"] is not None:
-        print(f"  file size       {d['file_bytes']:,} B  (gzip {d['gzip_bytes']:,} B)")
+        print(f"  file size       {d['file_bytes']:,} B  (download: zstd {d['zstd_bytes']:,} B, gzip {d['gzip_bytes']:,} B)")
     if d["latency_ms_median"] is not None:
         print(f"  latency batch 1 median {d['latency_ms_median']:.3f} ms, p90 {d['latency_ms_p90']:.3f} ms over {d['latency_runs']} runs")
     for check in d.get("parity") or []:

@@ -1,7 +1,6 @@
 """``evaluate``: every number a claim needs, measured on the artifact in its own runtime."""
 from __future__ import annotations
 
-import gzip
 import os
 import statistics
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from deepshrink.core.timing import time_calls
 from deepshrink.data.splits import NO_LABEL
 from deepshrink.evaluation.counting import count_macs, onnx_parameter_counts, parameter_counts
 from deepshrink.evaluation.runners import EagerRunner, open_runner
+from deepshrink.formats.download import download_bytes
 from deepshrink.formats.sidecar import read_sidecar
 
 
@@ -45,6 +45,7 @@ class Metrics:
     latency_runs: int
     parity: list | None = None     # the export-time parity checks recorded in the sidecar (files only)
     fidelity: dict | None = None   # against the fp32 reference model, measured in this runtime (evaluation.fidelity)
+    zstd_bytes: int | None = None  # the download: file bytes after zstd -19 (gzip_bytes: after gzip -9; formats.download)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +101,7 @@ def describe(artifact: nn.Module | str | os.PathLike, runner, test: Dataset, *, 
         "runtime": runner.runtime, "accuracy": accuracy, "test_samples": n,
         "fidelity": fidelity(reference_outputs, outputs, kind=fidelity_kind, metric=metric) if reference_outputs else None,
         "params": None, "nonzero_params": None, "macs": None, "counts_source": "model",
-        "file_bytes": None, "gzip_bytes": None, "threads": runner.threads, "parity": None,
+        "file_bytes": None, "gzip_bytes": None, "zstd_bytes": None, "threads": runner.threads, "parity": None,
     }
     if isinstance(runner, EagerRunner):
         info["params"], info["nonzero_params"] = parameter_counts(runner.model)
@@ -108,7 +109,8 @@ def describe(artifact: nn.Module | str | os.PathLike, runner, test: Dataset, *, 
     if not isinstance(artifact, nn.Module):
         path = Path(artifact)
         payload = path.read_bytes()
-        info["file_bytes"], info["gzip_bytes"] = len(payload), len(gzip.compress(payload, 9))
+        info["file_bytes"] = len(payload)
+        info.update(download_bytes(payload))
         sidecar = read_sidecar(path) or {}
         info["parity"] = sidecar.get("parity")
         if path.suffix == ".onnx":

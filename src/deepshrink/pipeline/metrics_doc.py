@@ -4,8 +4,8 @@ Top-level keys: ``schema``, ``created``, ``recipe`` (the validated recipe), ``en
 (CPU model, thread count, package versions), ``data`` (dataset name and split sizes),
 ``stages`` (per stage: recipe entry, seconds, summary), ``variants`` (per variant label: role
 ``fp32``/``compressed``, format ``eager``/``pte``/``onnx``, runtime, accuracy, test_samples, params,
-nonzero_params, macs, counts_source, file_bytes, gzip_bytes, latency_ms_median, latency_ms_p90,
-latency_runs, threads, parity_max_abs_diff, parity (each check: runtime, figures, failures, passed),
+nonzero_params, macs, counts_source, file_bytes, gzip_bytes and zstd_bytes (the download: after gzip -9 /
+zstd -19), latency_ms_median, latency_ms_p90, latency_runs, threads, parity_max_abs_diff, parity (each check: runtime, figures, failures, passed),
 parity_passed), ``checks`` (derived comparisons) and ``notes`` (failed parity first, then the int8
 caveat derived from the CPU features found). ``environment`` has ``cpu``, ``cpu_arch``,
 ``cpu_features`` (read from the machine, ``core.cpu``).

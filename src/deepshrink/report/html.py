@@ -48,11 +48,11 @@ def _variants_table(variants: dict[str, dict]) -> str:
         rows.append([
             html.escape(label), html.escape(v["runtime"]), _fmt(v["accuracy"], "pct"), _fidelity_cell(v.get("fidelity")),
             _fmt(v.get("file_bytes"), "kib"),
-            _fmt(v.get("gzip_bytes"), "kib"), _fmt(v.get("params")), _fmt(v.get("nonzero_params")), _fmt(sparsity, "pct"),
+            _fmt(v.get("zstd_bytes"), "kib"), _fmt(v.get("gzip_bytes"), "kib"), _fmt(v.get("params")), _fmt(v.get("nonzero_params")), _fmt(sparsity, "pct"),
             _fmt(v.get("macs")), _fmt(v.get("latency_ms_median"), "ms"), _fmt(v.get("latency_ms_p90"), "ms"),
             _parity_cell(v),
         ])
-    return _table(["variant", "runtime", "test accuracy", "fidelity to fp32 (in this runtime)", "file KiB", "gzip KiB", "params", "non-zero", "zeros",
+    return _table(["variant", "runtime", "test accuracy", "fidelity to fp32 (in this runtime)", "file KiB", "zstd KiB (download)", "gzip KiB", "params", "non-zero", "zeros",
                    "MACs", "latency median ms", "p90 ms", "export parity (file vs module)"], rows)
 
 
