@@ -23,7 +23,7 @@ from common import REPO, SHARED_DATA, provenance
 
 import deepshrink as ds
 from deepshrink.core.targets import INT8_LAYOUTS, SATURATION_SAFE_LAYOUTS
-from deepshrink.evaluation.compare import interleaved_latency
+from deepshrink.evaluation.metrics import interleaved_latency
 from deepshrink.evaluation.runners import open_runner
 from deepshrink.models import create, load, save_checkpoint
 from deepshrink.quantization import Int8Static
@@ -124,7 +124,7 @@ def bench_net(name: str) -> tuple[str, list[str]]:
                      "agree_fp32": float((real == fp32_top1).float().mean()), "saturated": "not emulated (ORT's graph)"})
         print(name, rows[-1], flush=True)
     runners = {label: open_runner(path) for label, path in files.items()}
-    lat = interleaved_latency([r.predict for r in runners.values()], x[:1].contiguous(), runs=RUNS, warmup=WARMUP)
+    lat = interleaved_latency([r.call_for(x[:1].contiguous()) for r in runners.values()], runs=RUNS, warmup=WARMUP)
     by_label = dict(zip(runners, lat))
     fp32_ms = by_label["fp32 .onnx"]["latency_ms_median"]
     keys = list(files)[1:]

@@ -5,6 +5,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset
 
 from deepshrink.core import samples as S
 from deepshrink.core.progress import progress
-from deepshrink.core.timing import time_calls
+from deepshrink.core.timing import time_calls, torch_threads
 from deepshrink.data.splits import NO_LABEL
 from deepshrink.evaluation.counting import count_macs, onnx_parameter_counts, parameter_counts
 from deepshrink.evaluation.runners import EagerRunner, open_runner
@@ -51,14 +52,19 @@ class Metrics:
         return asdict(self)
 
 
-def measure_latency(predict, x: torch.Tensor, *, runs: int, warmup: int) -> list[float]:
-    """Per-call wall times in ms of ``predict(x)`` after ``warmup`` untimed calls."""
-    return time_calls(predict, x, runs=runs, warmup=warmup)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def interleaved_latency(calls: Sequence[Callable[[], object]], *, runs: int, warmup: int) -> list[dict]:
+    """Per call (``Runner.call_for``): median and p90 in ms of ``runs`` calls, timed interleaved."""
+    if runs <= 0:
+        return [{"latency_ms_median": None, "latency_ms_p90": None, "latency_runs": 0} for _ in calls]
+    return [
+        {"latency_ms_median": statistics.median(t), "latency_ms_p90": percentile(t, 0.9), "latency_runs": len(t)}
+        for t in time_calls(calls, runs=runs, warmup=warmup)
+    ]
 
 
 def eval_batches(dataset: Dataset, batch_size: int = 256) -> tuple[list, torch.Tensor]:
@@ -152,11 +158,7 @@ def evaluate(
     if reference is not None:
         reference_outputs = run_outputs(open_runner(reference, threads=threads, isolate=isolate, code=code), eval_batches(test)[0])
     info = describe(artifact, runner, test, label=label, reference_outputs=reference_outputs, fidelity_kind=fidelity, metric=metric)
-    x1 = S.stack([test[0][0]])
-    times = measure_latency(runner.predict, x1, runs=latency_runs, warmup=warmup) if latency_runs else []
-    return Metrics(
-        **info,
-        latency_ms_median=statistics.median(times) if times else None,
-        latency_ms_p90=percentile(times, 0.9) if times else None,
-        latency_runs=len(times),
-    )
+    calls = [runner.call_for(S.stack([test[0][0]]))] if latency_runs else [None]
+    with torch_threads(threads):
+        latency, = interleaved_latency(calls, runs=latency_runs, warmup=warmup)
+    return Metrics(**info, **latency)

@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,6 +51,13 @@ class Runner:
     def predict(self, x) -> torch.Tensor:
         return self.predict_all(x)[0]
 
+    def call_for(self, x) -> Callable[[], object]:
+        """A call with no arguments that runs the batch ``x`` through the runtime and nothing else:
+        what latency times. ``x`` is checked and converted once, as an app holding its input
+        buffers does, so a sub-10 µs model is not measured as our own checks."""
+        self.predict_all(x)   # a bad input fails here, with the runner's message
+        return lambda: self.predict_all(x)
+
 
 class EagerRunner(Runner):
     runtime = "pytorch"
@@ -87,6 +95,17 @@ class EagerRunner(Runner):
                                  "a model must raise an exception instead") from None
         finally:
             torch.set_num_threads(previous)
+
+    def call_for(self, x) -> Callable[[], object]:
+        """The model called as a PyTorch user serves it: under ``inference_mode``, at ``threads``
+        (set for the process by the caller of ``call_for``: ``timing_threads``)."""
+        self.predict_all(x)
+        model = self.model
+
+        @torch.inference_mode()
+        def call():
+            return S.call(model, x)
+        return call
 
 
 class PteRunner(Runner):
@@ -138,6 +157,14 @@ class PteRunner(Runner):
                                 "with (the CLI's --image-size sets the image side)") from None
             raise ArtifactError(f"{self.path}: ExecuTorch failed running this program on inputs "
                                 f"{[list(t.shape) for t in tensors]}: {runtime_reason(log.getvalue(), str(err))}") from None
+
+    def call_for(self, x) -> Callable[[], object]:
+        """``Method.execute`` on tensors checked once (the program's call, as an app makes it)."""
+        if self.max_batch is not None and S.batch_size(x) > self.max_batch:
+            return super().call_for(x)   # fed in chunks of the planned batch: timed as it runs
+        self.predict_all(x)
+        tensors, method = [t.contiguous() for t in S.flatten(x)], self.method
+        return lambda: method.execute(tensors)
 
 
 class OnnxRunner(Runner):
@@ -199,6 +226,28 @@ class OnnxRunner(Runner):
         except Exception as err:  # ORT raises its own exception types
             raise ArtifactError(f"{self.path}: ONNX Runtime failed running this model on inputs "
                                 f"{[list(a.shape) for a in feeds.values()]}: {' '.join(str(err).split())[:300]}") from None
+
+    def call_for(self, x) -> Callable[[], object]:
+        """``run_with_iobinding`` on inputs and outputs bound once: ONNX Runtime's own call for
+        repeated inference (``run`` converts every feed and allocates every output per call)."""
+        import onnxruntime as ort
+
+        if self.static_batch and S.batch_size(x) != self.max_batch:
+            return super().call_for(x)   # fed in padded chunks: timed as it runs
+        feeds = self.feeds(x)
+        outputs = self._execute(x)   # their shapes and dtypes, and a bad input fails here
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        buffers = [o.numpy().copy() for o in outputs]   # kept alive with the binding
+        for described, buffer in zip(self.session.get_outputs(), buffers):
+            binding.bind_ortvalue_output(described.name, ort.OrtValue.ortvalue_from_numpy(buffer))
+        session = self.session
+
+        def call():
+            session.run_with_iobinding(binding)
+            return buffers
+        return call
 
 
 RUNTIME_SUFFIXES = {".pte": "ExecuTorch", ".onnx": "ONNX Runtime"}

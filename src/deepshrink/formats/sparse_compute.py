@@ -61,7 +61,7 @@ class LayerDecision:
 
 
 def _median_us(fn, x: torch.Tensor, runs: int) -> float:
-    return 1e3 * statistics.median(time_calls(fn, x, runs=runs, warmup=max(runs // 10, 5)))
+    return 1e3 * statistics.median(time_calls([lambda: fn(x)], runs=runs, warmup=max(runs // 10, 5))[0])
 
 
 @torch.no_grad()

@@ -1,0 +1,54 @@
+"""``Runner.call_for``: the call latency times runs the runtime alone, and computes what ``predict`` does."""
+import pytest
+import torch
+
+from deepshrink.core.timing import time_calls, torch_threads
+from deepshrink.deploy import export
+from deepshrink.evaluation.runners import open_runner
+from deepshrink.models import create
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create("seed-mlp").eval()
+    out = tmp_path_factory.mktemp("call_for")
+    x = torch.rand(4, 1, 28, 28)
+    paths = {"static.onnx": dict(static_batch=True), "dynamic.onnx": {}, "static.pte": dict(static_batch=True), "dynamic.pte": {}}
+    for name, kw in paths.items():
+        export(model, out / name, example_input=x, **kw)
+    return model, out, x
+
+
+@pytest.mark.parametrize("name", ["eager", "static.onnx", "dynamic.onnx", "static.pte", "dynamic.pte"])
+def test_the_timed_call_computes_what_predict_computes(files, name):
+    model, out, x = files
+    runner = open_runner(model if name == "eager" else out / name)
+    x1 = x[:1]
+    call = runner.call_for(x1)
+    expected = runner.predict(x1)
+    for _ in range(3):   # repeated calls reuse the bound buffers and stay right
+        result = call()
+        first = result[0] if isinstance(result, (list, tuple)) else result
+        assert torch.equal(torch.as_tensor(first), expected)
+
+
+@pytest.mark.parametrize("name", ["static.onnx", "static.pte"])
+def test_a_static_batch_file_timed_on_another_batch_falls_back_to_chunks(files, name):
+    _, out, x = files
+    runner = open_runner(out / name)   # batch 1 per call: a batch of 4 runs as 4 calls
+    assert torch.equal(torch.as_tensor(runner.call_for(x)()[0]), runner.predict(x))
+
+
+def test_time_calls_interleaves_and_counts():
+    order = []
+    times = time_calls([lambda: order.append("a"), lambda: order.append("b")], runs=3, warmup=1)
+    assert order == ["a", "b"] * 4   # one warm-up each, then a b a b a b
+    assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
+
+
+def test_torch_threads_restores():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
