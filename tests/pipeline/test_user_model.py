@@ -122,3 +122,17 @@ def test_resume_rebuilds_the_users_model_from_the_recipes_own_code(run):
     again = run_recipe(recipe(), run.out_dir, resume=True, progress=False, log=logs.append)
     assert logs == ["resuming tokens: stages 1-4 already done"]
     assert again.state.variants == run.state.variants
+
+
+def test_hidden_states_are_scored_by_cosine_similarity_in_every_stage_line(tmp_path):
+    """outputs: [hidden] — [batch, seq, 32] per-token states: top-1 of an argmax over features would
+    be meaningless, so the quantize stage and the budget measure cosine similarity with fp32."""
+    stages = [{"quantize": {"scheme": "int8-budget", "max_drop_pt": 0.5, "ptq": {"calibration_samples": 48}}}]
+    logs = []
+    run = run_recipe(recipe(stages=stages, outputs=["hidden"]), tmp_path, progress=False, log=logs.append)
+    line = next(m for m in logs if "simulated (PyTorch)" in m)
+    score = float(line.split("cosine similarity with fp32 ")[1].rstrip("%")) / 100
+    assert 0.99 < score < 1.0   # int8 changes the states a little, and it is measured
+    budget = run.state.quantization["budget"]
+    assert budget["float_accuracy"] == pytest.approx(1.0) and budget["met"]
+    assert 0.995 <= budget["steps"][-1]["accuracy"] < 1.0   # within 0.5 pt of cosine similarity

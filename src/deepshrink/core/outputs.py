@@ -35,6 +35,16 @@ def output_tensors(output: Any) -> tuple[torch.Tensor, ...]:
                       "with deepshrink.core.outputs.SelectOutputs(model, fn) to pick them")
 
 
+def output_kind(first_output: torch.Tensor) -> str:
+    """``classification`` (2-D rows of scores), ``embedding`` (2-D rows of unit norm) or ``tensor``
+    (anything else): what a fidelity figure compares (``evaluation.fidelity``)."""
+    t = first_output.detach().float()
+    if t.ndim == 2 and t.shape[-1] >= 2:
+        norms = t.norm(dim=-1)
+        return "embedding" if bool(((norms - 1).abs() < 1e-2).all()) else "classification"
+    return "tensor"
+
+
 def primary(output: Any) -> torch.Tensor:
     """The first tensor of ``output``."""
     tensors = output_tensors(output)

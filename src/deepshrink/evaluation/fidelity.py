@@ -23,18 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.outputs import output_kind
 
 Kind = Literal["classification", "embedding", "tensor"]
 KINDS: tuple[str, ...] = ("classification", "embedding", "tensor")
 HEADLINE = {"classification": "top1_agreement", "embedding": "cosine_mean", "tensor": "sqnr_db"}
-
-
-def output_kind(first_output: torch.Tensor) -> str:
-    t = first_output.detach().float()
-    if t.ndim == 2 and t.shape[-1] >= 2:
-        norms = t.norm(dim=-1)
-        return "embedding" if bool(((norms - 1).abs() < 1e-2).all()) else "classification"
-    return "tensor"
 
 
 def _rows(outputs: Sequence[tuple], index: int) -> torch.Tensor:

@@ -34,12 +34,23 @@ def initial_model(recipe: Recipe):
     return model
 
 
-def _score_name(ctx) -> str:
-    return "test accuracy" if ctx.data.labelled else "top-1 agreement with fp32"
+def _score_name(ctx, state: RunState) -> str:
+    """What ``_test_accuracy`` measures: with labels accuracy, without them agreement with fp32 —
+    top-1 of a classifier's scores, cosine similarity of any other output (``training.accuracy``)."""
+    if ctx.data.labelled:
+        return "test accuracy"
+    import torch
+
+    from deepshrink.core import samples as S
+    from deepshrink.core.outputs import output_kind, primary
+
+    with torch.no_grad():
+        first = primary(S.call(state.baseline if state.baseline is not None else state.model, ctx.example_batch(2)))
+    return "top-1 agreement with fp32" if output_kind(first) == "classification" else "cosine similarity with fp32"
 
 
 def _test_accuracy(model, ctx, state: RunState | None = None) -> float:
-    """Test accuracy with labels; without, top-1 agreement with the fp32 baseline (fidelity).
+    """Test accuracy with labels; without, agreement with the fp32 baseline (fidelity, ``_score_name``).
     Rank 0's alone in a distributed run (the others' summaries are not kept): NaN on the others."""
     from deepshrink.training.distributed import is_main
 
@@ -131,7 +142,7 @@ def _train(state: RunState, config: TrainConfig, ctx) -> dict:
     _baseline(state, ctx)
     acc = _test_accuracy(state.model, ctx, state)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
-            "line": f"{_score_name(ctx)} {acc:.2%} (eager fp32)"}
+            "line": f"{_score_name(ctx, state)} {acc:.2%} (eager fp32)"}
 
 
 def _load(state: RunState, config: LoadStage, ctx) -> dict:
@@ -141,7 +152,7 @@ def _load(state: RunState, config: LoadStage, ctx) -> dict:
     state.baseline = None
     _baseline(state, ctx)
     acc = _test_accuracy(state.model, ctx, state)
-    return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"{_score_name(ctx)} {acc:.2%}"}
+    return {"checkpoint": config.checkpoint, "test_accuracy": acc, "line": f"{_score_name(ctx, state)} {acc:.2%}"}
 
 
 def _sensitivity(state: RunState, stage: PruneStage, data, ctx) -> tuple[object, dict]:
@@ -168,7 +179,7 @@ def _prune_channels(state: RunState, stage: PruneStage, ctx) -> dict:
     layers = {name: {"kept": after, "total": before} for name, (before, after) in report.layers.items()}
     return {"structured": report.as_dict(), "layers": layers, "test_accuracy": acc,
             "line": f"MACs {report.macs_before:,} -> {report.macs_after:,} ({report.macs_reduction:.2f}x fewer), "
-                    f"{_score_name(ctx)} {acc:.2%}"}
+                    f"{_score_name(ctx, state)} {acc:.2%}"}
 
 
 def _prune(state: RunState, stage: PruneStage, ctx) -> dict:
@@ -193,7 +204,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     if stage.schedule is None:
         report = prune_report(prune(state.model, config, data=ctx.data, train_fn=_train_fn(ctx, state)))
         acc = _test_accuracy(state.model, ctx, state)
-        line = f"sparsity {report.sparsity:.1%} of pruned layers, {_score_name(ctx)} {acc:.2%}"
+        line = f"sparsity {report.sparsity:.1%} of pruned layers, {_score_name(ctx, state)} {acc:.2%}"
         if stage.retrain is None:
             return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
         # one-shot prune, then the stage's own retraining with the masks held
@@ -209,7 +220,7 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     rounds = [{"epoch": s.epoch, "sparsity": s.sparsity, "val_accuracy": list(getattr(s.history, "val_accuracy", None) or [])}
               for s in steps]
     return {**report.as_dict(), **extra, "rounds": rounds, "test_accuracy": acc,
-            "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, {_score_name(ctx)} {acc:.2%}"}
+            "line": f"sparsity {report.sparsity:.1%} of pruned layers after {len(rounds)} rounds, {_score_name(ctx, state)} {acc:.2%}"}
 
 
 def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
@@ -217,7 +228,7 @@ def _finetune(state: RunState, config: TrainConfig, ctx) -> dict:
     history = _fit_resumable(state, config, ctx, "finetune", _teacher(state, config))
     acc = _test_accuracy(state.model, ctx, state)
     return {"val_accuracy": history.val_accuracy, "best_epoch": history.best_epoch, "test_accuracy": acc,
-            "masks_kept": bool(get_masks(state.model)), "line": f"{_score_name(ctx)} {acc:.2%}"}
+            "masks_kept": bool(get_masks(state.model)), "line": f"{_score_name(ctx, state)} {acc:.2%}"}
 
 
 def _export_formats(ctx) -> tuple[str, ...]:
@@ -267,7 +278,7 @@ def _quantize(state: RunState, config, ctx) -> dict:
     if lowbit:
         state.quantization["weights"] = {name: f"{type(qw).__name__} {qw.bits}-bit" for name, qw in lowbit.items()}
     return {**state.quantization, "simulated_test_accuracy": acc,
-            "line": f"simulated (PyTorch) {_score_name(ctx)} {acc:.2%}"}
+            "line": f"simulated (PyTorch) {_score_name(ctx, state)} {acc:.2%}"}
 
 
 def _export(state: RunState, config: ExportStage, ctx) -> dict:

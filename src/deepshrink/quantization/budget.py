@@ -2,8 +2,10 @@
 
 Accuracy is top-1 on ``data.val`` of the simulated (PyTorch) quantized graph, against the
 float model on the same split; the drop is in percentage points. Without labels the figure is
-fidelity: top-1 agreement with the float model (which agrees with itself 100 %), so the budget
-bounds the share of answers that change. The fallback leaves, one at
+fidelity (``accuracy_fn`` with the float model as reference; ``training.accuracy``): top-1 agreement
+with the float model for a classifier (which agrees with itself 100 %), so the budget bounds the
+share of answers that change; for embeddings and other tensors the mean cosine similarity of each
+sample's output, so 0.5 pt bounds it at 0.995. The fallback leaves, one at
 a time, the layer with the lowest SQNR on its own (``layer_sqnr_report``) in fp32, re-running
 PTQ each time; QAT (with the fallback layers found so far kept in float) is the last resort.
 """

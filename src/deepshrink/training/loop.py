@@ -19,7 +19,7 @@ from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.io import atomic_path
 from deepshrink.core.progress import progress as progress_bar
-from deepshrink.core.outputs import primary
+from deepshrink.core.outputs import output_kind, primary
 from deepshrink.data.splits import NO_LABEL, DataSplits
 from deepshrink.training import distributed
 from deepshrink.core.loops import History, TrainConfig
@@ -27,26 +27,35 @@ from deepshrink.core.loops import History, TrainConfig
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader: DataLoader, *, reference: nn.Module | None = None) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` over ``loader``; without labels, top-1 agreement with
-    ``reference`` (the original model) — the fidelity every unlabelled figure is."""
+    """Top-1 accuracy in [0, 1] of ``model`` over ``loader``; without labels, its agreement with
+    ``reference`` (the original model) — the fidelity every unlabelled figure is: top-1 agreement
+    when the reference's first output is a classifier's scores, else the mean cosine similarity of
+    each sample's output with the reference's (embeddings, hidden states: ``core.outputs.output_kind``),
+    so a budget in points bounds the change of what the model returns, not of an argmax over features."""
     was_training = getattr(model, "training", False)
     _set_eval(model)
-    correct = total = 0
+    score = total = 0.0
     device = _device_of(model)
     for x, y in loader:
         if device.type != "cpu":   # a model fit is training on a GPU
             x, y = S.map_tensors(lambda t: t.to(device), x), y.to(device)
-        predicted = primary(S.call(model, x)).argmax(-1)
+        produced = primary(S.call(model, x))
         if bool((y == NO_LABEL).any()):
             if reference is None:
                 raise ConfigError("accuracy: the data has no labels; pass reference= (the original model) to measure "
-                                  "top-1 agreement with it instead")
-            y = primary(S.call(reference, x)).argmax(-1)
-        correct += int((predicted == y).sum())
+                                  "its agreement with it instead")
+            expected = primary(S.call(reference, x))
+            if output_kind(expected) != "classification":
+                rows = len(expected) if expected.ndim else 1
+                cosine = F.cosine_similarity(produced.reshape(rows, -1).float(), expected.reshape(rows, -1).float(), dim=-1)
+                score, total = score + float(cosine.sum()), total + rows
+                continue
+            y = expected.argmax(-1)
+        score += int((produced.argmax(-1) == y).sum())
         total += y.numel()
     if was_training:
         _set_mode(model, train=True)
-    return correct / max(total, 1)
+    return score / max(total, 1)
 
 
 def _device_of(model) -> torch.device:
