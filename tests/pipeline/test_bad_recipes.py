@@ -325,7 +325,7 @@ def test_corpus_is_large_and_every_cli_case_exists():
 
 
 @pytest.mark.parametrize("near_miss, suggestion", [
-    ("modle: x", "recipe.modle: unknown key; allowed keys: name, model, model_args, data, target, seed, outputs, stages; did you mean 'model'?"),
+    ("modle: x", "recipe.modle: unknown key; allowed keys: name, model, model_args, data, target, seed, outputs, objective, stages; did you mean 'model'?"),
     ("model: lenet5", "did you mean 'lenet-5'?"),
     ("target: xnnpak", "did you mean 'xnnpack'?"),
     ("data: {name: mnistt}", "did you mean 'mnist'?"),

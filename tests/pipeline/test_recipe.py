@@ -38,7 +38,7 @@ def test_packaged_recipes_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("raw, message", [
-    (base(modle="x"), r"^recipe\.modle: unknown key; allowed keys: name, model, model_args, data, target, seed, outputs, stages; did you mean 'model'\?$"),
+    (base(modle="x"), r"^recipe\.modle: unknown key; allowed keys: name, model, model_args, data, target, seed, outputs, objective, stages; did you mean 'model'\?$"),
     (base(target="tpu"), r"^target: 'tpu' is not allowed; choose one of 'xnnpack', 'onnxruntime'$"),
     (base(stages=[]), r"^stages: required"),
     (base(stages=[{"trian": {}}]), r"^stages\[0\]\.trian: unknown stage; allowed stages: train, load, prune"),

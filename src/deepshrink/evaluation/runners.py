@@ -164,7 +164,12 @@ class PteRunner(Runner):
             return super().call_for(x)   # fed in chunks of the planned batch: timed as it runs
         self.predict_all(x)
         tensors, method = [t.contiguous() for t in S.flatten(x)], self.method
-        return lambda: method.execute(tensors)
+        program = self.program
+
+        def call():
+            return method.execute(tensors)
+        call.keep = (self.data, program)   # the program and the bytes it reads must outlive the method
+        return call
 
 
 class OnnxRunner(Runner):

@@ -33,7 +33,8 @@ from deepshrink.core.config import check, did_you_mean, from_dict, short_repr, t
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import TARGETS
 from deepshrink.pipeline.recipe_checks import (
-    check_model, check_user_data, checkpoint_problems, device_problems, order_problems, schedule_problems, seed_problems,
+    check_model, check_user_data, checkpoint_problems, device_problems, objective_problems, order_problems, schedule_problems,
+    seed_problems,
 )
 from deepshrink.core.loops import TrainConfig
 from deepshrink.pruning import PRUNERS, SCHEDULES, ChannelPruning
@@ -227,6 +228,9 @@ class Recipe:
     target: str = "xnnpack"
     seed: int = 0
     outputs: tuple[str, ...] | None = None   # the model's outputs to keep, by name or position ("logits", "0")
+    # size: int8 everywhere; latency / balanced: per layer, int8 or fp32 by the target runtime's
+    # measured times (deploy.objective) — latency never slower than fp32, balanced the smallest as fast
+    objective: Literal["size", "latency", "balanced"] = "size"
     stages: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
@@ -240,6 +244,7 @@ class Recipe:
         return {
             "name": self.name, "model": self.model, "model_args": dict(self.model_args), "data": to_dict(self.data),
             "target": self.target, "seed": self.seed, "stages": [s.as_dict() for s in self.stages],
+            **({"objective": self.objective} if self.objective != "size" else {}),   # old fingerprints stay valid
         }
 
     def fingerprint(self) -> str:
@@ -389,10 +394,11 @@ def parse_recipe(raw: Any) -> Recipe:
                  for p in checkpoint_problems(f"stages[{i}].load", stage.config.checkpoint)]
     if recipe is not None:
         problems += seed_problems(recipe, stages)
+        problems += objective_problems(recipe, stages)
         if recipe.data.user_samples and not problems:   # imports the user's files: only for an otherwise sound recipe
             _collect(problems, check_user_data, recipe.data)
     _raise_if(problems)
-    return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed", "outputs")},
+    return Recipe(**{**{k: getattr(recipe, k) for k in ("name", "model", "model_args", "data", "target", "seed", "outputs", "objective")},
                      "stages": tuple(stages)})
 
 

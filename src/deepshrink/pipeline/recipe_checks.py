@@ -49,6 +49,18 @@ def schedule_problems(pruning: Any, schedule: Any, retrain: TrainConfig, path: s
     return []
 
 
+def objective_problems(recipe: Recipe, stages: list[Stage | None]) -> list[str]:
+    """``objective: latency|balanced`` chooses int8 or fp32 per layer at the int8-static/int8-dynamic
+    quantize stage; without one there is nothing to choose."""
+    from deepshrink.quantization import Int8Dynamic, Int8Static
+
+    if recipe.objective == "size" or any(s is not None and s.kind == "quantize" and isinstance(s.config, (Int8Static, Int8Dynamic))
+                                         for s in stages):
+        return []
+    return [f"objective: {recipe.objective} chooses per layer between int8 and fp32 by measured latency at a quantize stage "
+            "with scheme int8-static or int8-dynamic, and this recipe has none; add one, or drop objective (size)"]
+
+
 def seed_problems(recipe: Recipe, stages: list[Stage | None]) -> list[str]:
     """Every ``seed`` of the recipe within ``SEED_RANGE`` (torch refuses what does not fit in 64 bits)."""
     found: list[tuple[str, Any]] = [("recipe.seed", recipe.seed), ("recipe.data.seed", recipe.data.seed)]

@@ -268,9 +268,22 @@ def _quantize(state: RunState, config, ctx) -> dict:
     if reason:
         ctx.log(f"      {reason}")
     float_macs = count_macs(state.model, ctx.example_batch(1))  # the summary's; the graph counts the same itself
-    state.model = quantize(state.model, config, data=ctx.data, target=ctx.target, train_fn=_train_fn(ctx, state),
-                           accuracy_fn=accuracy)
-    state.quantization = {**state.model._deepshrink_quant, "macs": float_macs}
+    def run(model, chosen_config):
+        return quantize(model, chosen_config, data=ctx.data, target=ctx.target, train_fn=_train_fn(ctx, state),
+                        accuracy_fn=accuracy)
+
+    from deepshrink.quantization import Int8Dynamic, Int8Static
+
+    objective = None
+    if ctx.recipe.objective == "size" or not isinstance(config, (Int8Static, Int8Dynamic)):   # the others: recipe_checks
+        state.model = run(state.model, config)
+    else:
+        from deepshrink.deploy.objective import choose_by_latency
+
+        state.model, objective = choose_by_latency(state.model, config, run, example_input=ctx.example_batch(8),
+                                                   target=ctx.target, objective=ctx.recipe.objective, log=ctx.log)
+    state.quantization = {**(getattr(state.model, "_deepshrink_quant", None) or {"scheme": "none (fp32 was faster)"}),
+                          "macs": float_macs, **({"objective": objective} if objective else {})}
     for line in state.quantization.get("budget_steps", []):
         ctx.log(f"      budget: {line}")
     acc = _test_accuracy(state.model, ctx, state)

@@ -98,6 +98,16 @@ def _stage_sections(stages: list[dict]) -> str:
             parts.append(f"<h3>Pruning, stage {s['index'] + 1}: per layer</h3>")
             parts.append(_table(["layer", "kept", "total", "sparsity"], layer_rows))
     for s in stages:
+        objective = s["summary"].get("objective") if isinstance(s["summary"], dict) else None
+        if objective and objective.get("per_layer") is not None:
+            parts.append(f"<h3>Objective {html.escape(objective['objective'])}: int8 or fp32, measured in "
+                         f".{html.escape(objective['runtime_format'])} at batch 1 — chose the {html.escape(objective['chosen'])} model</h3>")
+            parts.append(_table(["file", "median µs", "bytes"], [
+                [html.escape(k), _fmt(1e3 * f["latency_ms_median"]), _fmt(f["file_bytes"])] for k, f in objective["files"].items()]))
+            parts.append(_table(["layer", "int8 file µs", "same file, this layer fp32 µs", "layer runs"], [
+                [html.escape(d["layer"]), _fmt(1e3 * d["int8_ms"]), _fmt(1e3 * d["with_it_fp32_ms"]),
+                 "fp32 (faster here)" if d["fp32"] else "int8"] for d in objective["per_layer"]]))
+    for s in stages:
         exports = s["summary"].get("exports") if isinstance(s["summary"], dict) else None
         for label, info in (exports or {}).items():
             if info.get("sparse_compute"):
