@@ -3,7 +3,8 @@
 - criteria (unstructured, masks held in the module): ``MagnitudePruning``, ``GradientPruning``,
   ``TaylorPruning``, ``RandomPruning``, and ``VariationalDropout``, which learns the sparsity per
   layer by training; add one with a ``PruningConfig`` subclass and ``register_criterion``;
-- structured: ``ChannelPruning`` removes whole channels (``pruning.structured``);
+- structured: ``ChannelPruning`` removes whole channels, ``TransformerPruning`` whole attention heads
+  and feed-forward neurons (``pruning.structured``);
 - scheduled: ``ScheduledPruning(criterion, OneShot() | Iterative(...) | Gradual(...), train=...)``;
 - where and how: ``scope`` / ``groups`` / ``overrides`` / ``pattern`` on every criterion;
 - how much per layer: ``layer_sensitivity`` then ``propose_sparsities``.
@@ -28,7 +29,8 @@ from deepshrink.pruning.schedules import SCHEDULES, Gradual, Iterative, OneShot,
 from deepshrink.pruning.scopes import choose_masks
 from deepshrink.pruning.variational import VariationalDropout, kl_to_log_uniform, log_alpha, variational_scores
 from deepshrink.pruning.sensitivity import Sensitivity, layer_sensitivity, predicted_drop, propose_sparsities
-from deepshrink.pruning.structured import ChannelPruning, StructuredReport  # registers ChannelPruning with prune
+from deepshrink.pruning.structured import (ChannelPruning, StructuredReport,  # registers both with prune
+                                           TransformerPruning, TransformerReport)
 
 __all__ = [
     "prune", "prune_report", "finalize", "PruneReport", "register_criterion", "score_weights", "prunable_weights",
@@ -36,7 +38,7 @@ __all__ = [
     "PruningConfig", "MagnitudePruning", "GradientPruning", "TaylorPruning", "RandomPruning", "BatchScoredPruning",
     "ScheduledPruning", "ScheduleReport", "ScheduleStep", "OneShot", "Iterative", "Gradual", "SCHEDULES",
     "cubic_sparsity", "prune_points", "prune_with_schedule",
-    "ChannelPruning", "StructuredReport",
+    "ChannelPruning", "StructuredReport", "TransformerPruning", "TransformerReport",
     "layer_sensitivity", "propose_sparsities", "predicted_drop", "Sensitivity",
     "VariationalDropout", "variational_scores", "log_alpha", "kl_to_log_uniform",
 ]

@@ -5,6 +5,8 @@
   in the module (``core.masks``; a ``PruneReport``);
 - ``ChannelPruning``: remove whole channels, the model gets physically narrower (``pruning.structured``;
   a ``StructuredReport``);
+- ``TransformerPruning``: remove whole attention heads and feed-forward neurons (``pruning.structured``;
+  a ``TransformerReport``: heads / neurons and parameters before -> after, per-block sensitivity);
 - ``ScheduledPruning``: a criterion reached along a schedule with training between prunes
   (``pruning.iterative``; a ``ScheduleReport``).
 
@@ -114,7 +116,8 @@ def prune(
     ``StructuredReport`` or ``ScheduleReport`` — is read back with ``prune_report(model)``.
 
     ``data``: the splits criteria score on and schedules train on. ``example_input``: a batch of
-    real inputs ``ChannelPruning`` traces with (default: ``data.example_batch(8)``). ``target``: its
+    real inputs ``ChannelPruning`` traces with and ``TransformerPruning`` measures on (default:
+    ``data.example_batch(8)``). ``target``: its
     channel multiple rounds structured widths. ``train_fn``: the loop for the configs that train
     (``ScheduledPruning``, ``VariationalDropout``, ``ChannelPruning(steps > 1)``) — see ``core.loops``;
     ``deepshrink.prune`` passes ``deepshrink.training.fit``. ``teacher``: passed to ``train_fn`` for
@@ -132,7 +135,8 @@ def prune(
 
 
 def prune_report(model: nn.Module) -> Any:
-    """What the last ``prune`` call on ``model`` did (``PruneReport``, ``StructuredReport`` or ``ScheduleReport``)."""
+    """What the last ``prune`` call on ``model`` did (``PruneReport``, ``StructuredReport``, ``TransformerReport``
+    or ``ScheduleReport``)."""
     report = getattr(model, _REPORT, None)
     if report is None:
         raise ConfigError(f"prune_report: {type(model).__name__} was not pruned by deepshrink.prune")
