@@ -58,7 +58,7 @@ def test_every_registered_config_is_in_the_namespace():
         assert name in dir(ds) and getattr(ds, name) is not None
     assert list(PRUNERS.names())[:6] == ["magnitude", "gradient", "taylor", "random", "variational", "channels"]
     assert list(QUANTIZERS.names()) == ["int8-static", "int8-dynamic", "int8-qat", "int8-budget", "weight-only",
-                                        "weight-qat", "codebook"]
+                                        "weight-qat", "codebook", "int8-dynamic-lowbit"]
     assert ds.ScheduledPruning in PRUNERS   # a transform, not a recipe method: the recipe spells it `schedule:`
 
 

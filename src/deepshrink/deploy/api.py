@@ -112,7 +112,8 @@ def export(
         "parity_batches": [list(S.shapes(b)) for b in batches], "dynamic": _plain(dynamic), "static_batch": static_batch,
         "parity": [p.as_dict() for p in checks], "parity_passed": all(p.passed for p in checks), "cpu": cpu_info().as_dict(),
         "int8_layout": layout, "x86_saturation": saturation,
-        "quantization": getattr(model, "_deepshrink_quant", None), **extra,
+        "quantization": getattr(model, "_deepshrink_quant", None), "runtime_weights": _runtime_weights(model, path),
+        **extra,
     })
     return ExportResult(path, path.stat().st_size, diff, agreement, tuple(checks))
 
@@ -131,6 +132,10 @@ def _write_dsk(model: nn.Module, path: Path, example_input: torch.Tensor) -> lis
     if isinstance(model, torch.fx.GraphModule):
         raise ExportError(f"{path}: a quantized graph cannot be stored as .dsk; store the float (pruned/codebook) model, or export .pte/.onnx")
     from deepshrink.quantization.lowbit import quantized_weights, save_compressed
+
+    if parity_check.runtime_lowbit(model):
+        raise ExportError(f"{path}: Int8DynamicLowBit layers are stored at low bits by the .pte itself; export .pte (or "
+                          ".onnx), or quantize with WeightOnly(bits=4, granularity='per_group', group_size=32) for a .dsk")
 
     try:
         # low-bit weights are stored as codes (+ scales or codebooks); anything else as dense/sparse floats
@@ -151,7 +156,7 @@ def _parity_checks(model: nn.Module, path: Path, batches: list, layout: str | No
     steps = parity_check.output_steps(model) if quantized else []
     checks = [parity_check.measure_outputs(references, produced, runtime=runner.runtime, steps=steps, quantized=quantized)]
     saturation = None
-    if path.suffix == ".onnx" and quantized:
+    if path.suffix == ".onnx" and quantized and isinstance(model, torch.fx.GraphModule):   # int8 kernels: may saturate
         if layout in SATURATION_SAFE_LAYOUTS:
             saturation = {"layout": layout, "can_saturate": False}
         else:
@@ -168,6 +173,14 @@ def _parity_checks(model: nn.Module, path: Path, batches: list, layout: str | No
             checks.append(parity_check.measure_outputs(references, emulated, runtime=parity_check.EMULATED, steps=steps,
                                                        quantized=True))
     return checks, saturation
+
+
+def _runtime_weights(model: nn.Module, path: Path) -> dict | None:
+    """Per ``Int8DynamicLowBit`` layer, what the file stores and runs: bits, group size, kernel."""
+    specs = parity_check.runtime_lowbit(model)
+    if path.suffix == ".onnx":   # no low-bit kernel there: the graph dequantizes the int8 codes and rounds in float ops
+        specs = {name: {**spec, "kernel": "onnx: int8 codes, dequantized in the graph"} for name, spec in specs.items()}
+    return specs or None
 
 
 def _plain(dynamic) -> dict | None:

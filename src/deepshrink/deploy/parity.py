@@ -15,8 +15,9 @@ Tolerances (``TOLERANCES``), by kind of graph:
   order only;
 - ``quantized`` (output quantized): ``p99_steps <= 3`` and ``mean_steps <= 1`` and
   ``argmax_agreement >= 0.97``;
-- ``quantized-float-output`` (dynamic int8, or a float last layer): ``p99 |Δ| <= 2 %`` of the
-  reference's range and ``argmax_agreement >= 0.97``.
+- ``quantized-float-output`` (dynamic int8 — ``Int8Dynamic``'s graphs, ``Int8DynamicLowBit``'s
+  modules — or a float last layer): ``p99 |Δ| <= 2 %`` of the reference's range and
+  ``argmax_agreement >= 0.97``.
 
 An int8 ONNX file whose layout can saturate on x86 without VNNI is also checked against an exact
 emulation of those kernels (``quantization.saturation``), so a file that is right on this
@@ -25,6 +26,7 @@ machine but wrong on the CPUs it will meet is caught here, on any machine.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,9 +110,19 @@ def output_steps(model) -> list[float | None]:
 
 
 def is_quantized(model) -> bool:
+    """A PT2E graph with quantize/dequantize nodes, or a module with ``Int8DynamicLowBit`` layers
+    (int8 activations rounded at run time: the runtime's rounding may differ from PyTorch's by a step)."""
     graph = getattr(model, "graph", None)
-    return graph is not None and any(
-        n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes)
+    if graph is None:
+        return bool(runtime_lowbit(model))
+    return any(n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in graph.nodes)
+
+
+def runtime_lowbit(model) -> dict[str, dict]:
+    """``{layer: spec}`` of the ``Int8DynamicLowBit`` layers of an eager module (bits, group size, kernel)."""
+    # a module whose class was never imported has none of its layers: a float export need not import torchao
+    runtime = sys.modules.get("deepshrink.quantization.lowbit.runtime")
+    return runtime.runtime_weights(model) if runtime is not None and isinstance(model, torch.nn.Module) else {}
 
 
 def measure(reference, produced, *, runtime: str, step: float | None, quantized: bool, gate_argmax: bool = True) -> Parity:

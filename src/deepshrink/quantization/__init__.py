@@ -3,7 +3,7 @@
 It returns the model to use (a new int8 graph, or the same eager module for weight-only schemes):
 keep the return value. Schemes: ``Int8Static``, ``Int8Dynamic``, ``Int8QAT``, ``Int8WithinBudget``
 (PTQ, then per-layer fp32 fallback, then QAT until the accuracy drop fits), and the low-bit
-``WeightOnly``, ``WeightQAT``, ``Codebook`` (``quantization.lowbit``). ``quantize_report(model)``
+``WeightOnly``, ``WeightQAT``, ``Codebook``, ``Int8DynamicLowBit`` (``quantization.lowbit``). ``quantize_report(model)``
 says what was done; ``activation_ranges`` (what calibration chose, per layer) and
 ``layer_sqnr_report`` (which layer loses the signal) look closer. The schemes that train or measure
 take the loop as ``train_fn`` / ``accuracy_fn`` (``core.loops``); ``deepshrink.quantize`` supplies
@@ -12,10 +12,10 @@ take the loop as ``train_fn`` / ``accuracy_fn`` (``core.loops``); ``deepshrink.q
 from deepshrink.quantization.api import QUANTIZERS, activation_ranges, quantize, quantize_report
 from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
 from deepshrink.quantization import lowbit  # noqa: E402,F401  (registers WeightOnly, WeightQAT, Codebook)
-from deepshrink.quantization.lowbit import Codebook, WeightOnly, WeightQAT
+from deepshrink.quantization.lowbit import Codebook, Int8DynamicLowBit, WeightOnly, WeightQAT
 
 __all__ = ["quantize", "quantize_report", "activation_ranges", "QUANTIZERS", "Int8Static", "Int8Dynamic", "Int8QAT",
-           "Int8WithinBudget", "WeightOnly", "WeightQAT", "Codebook", "layer_sqnr_report", "quantize_within_budget"]
+           "Int8WithinBudget", "WeightOnly", "WeightQAT", "Codebook", "Int8DynamicLowBit", "layer_sqnr_report", "quantize_within_budget"]
 
 
 def __getattr__(name: str):

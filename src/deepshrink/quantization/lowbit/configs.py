@@ -4,7 +4,8 @@ Every config selects Conv/Linear layers the same way: ``layers`` maps a module n
 ``re:`` regex or ``*`` to a width in bits (or ``None`` to leave that layer in float); the first
 pattern that matches a layer wins (dict order) and layers no pattern matches get ``bits``.
 ``{"re:.*fc2": 8, "*": 4}`` puts fc2 at 8 bits and everything else at 4; ``{"conv1": None}``
-keeps conv1 in float. A pattern that matches no layer is an error. Activations stay float.
+keeps conv1 in float. A pattern that matches no layer is an error. Activations stay float,
+except in ``Int8DynamicLowBit``, whose weights the ``.pte`` itself stores and runs at low bits.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from deepshrink.core.config import check
 from deepshrink.core.loops import TrainConfig
 
 MIN_BITS, MAX_BITS = 2, 8
+RUNTIME_WIDTHS = (4, 8)    # XNNPACK's low-bit GEMMs with int8 activations: qd8-f32-qb4w and qd8-f32-qc8w
+RUNTIME_GROUP_MULTIPLE = 32   # XNNPACK's qb4w kernels take groups of a multiple of 32 weights
 Granularity = Literal["per_tensor", "per_channel", "per_group"]
 
 
@@ -125,4 +128,48 @@ class Codebook:
               "use method kmeans to fine-tune, or leave train out")
 
 
-__all__ = ["MIN_BITS", "MAX_BITS", "UniformWeights", "WeightOnly", "WeightQAT", "Codebook"]
+def _check_runtime_width(bits: object, key: str) -> None:
+    check(isinstance(bits, int) and not isinstance(bits, bool) and bits in RUNTIME_WIDTHS, key,
+          f"{bits!r} has no low-bit kernel in the runtime (XNNPACK runs 4-bit groupwise and 8-bit per-channel "
+          "weights); use 4 or 8, None for float, or WeightOnly for other widths (stored only in .dsk)")
+
+
+@dataclass(frozen=True)
+class Int8DynamicLowBit:
+    """Linear weights the ``.pte`` stores and runs at low bits: 4-bit groupwise or 8-bit per channel,
+    with int8 activations quantized per row at run time (XNNPACK's qd8-f32-qb4w / qd8-f32-qc8w GEMMs,
+    the scheme of torchao's ``Int8DynamicActivationIntxWeightConfig``).
+
+    ``bits``: 4 or 8, the width of layers no ``layers`` pattern matches; ``layers`` maps names or
+    patterns to 4, 8 or None (float), as in the module doc, but selects Linear layers only: Conv
+    layers stay float (XNNPACK has no low-bit convolution with dynamic activations).
+    ``group_size``: one scale per this many consecutive input weights of a 4-bit layer (a multiple
+    of 32, XNNPACK's constraint); ``None``: one scale per output channel. 8-bit layers are always
+    per channel (XNNPACK has no groupwise 8-bit kernel). Weights are symmetric (zero point 0); the
+    4-bit scales are rounded to bfloat16, the precision XNNPACK keeps of them. A layer whose input
+    size is not a multiple of the group (or of 32) gets zero input columns appended (an exact pad:
+    a zero changes neither the product nor the activation's range).
+
+    ``quantize`` returns the model with those Linear layers replaced by ``DynamicQuantLinear``
+    modules, which compute in eager PyTorch what the runtime computes (the per-row int8 rounding of
+    the activations included), so the export parity check compares like with like.
+    """
+
+    bits: int = 4
+    group_size: int | None = 32
+    layers: dict[str, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_runtime_width(self.bits, "bits")
+        for pattern, bits in self.layers.items():
+            if bits is not None:
+                _check_runtime_width(bits, f"layers.{pattern}")
+        if self.group_size is not None:
+            check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 1
+                  and self.group_size % RUNTIME_GROUP_MULTIPLE == 0, "group_size",
+                  f"{self.group_size!r} must be a positive multiple of {RUNTIME_GROUP_MULTIPLE} (XNNPACK's 4-bit groupwise "
+                  "kernels), e.g. 32 or 128; or None for one scale per output channel")
+
+
+__all__ = ["MIN_BITS", "MAX_BITS", "RUNTIME_WIDTHS", "UniformWeights", "WeightOnly", "WeightQAT", "Codebook",
+           "Int8DynamicLowBit"]
