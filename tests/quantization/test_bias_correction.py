@@ -22,7 +22,7 @@ def pair(mobile, mobile_data):
 
 def test_the_correction_removes_the_mean_error_on_calibration_data(pair):
     _, corrected = pair
-    rows = corrected._deepshrink_quant["bias_correction"]
+    rows = corrected._deepshrink_quant["bias_correction"]["layers"]
     assert [r["layer"] for r in rows] == ["stem.0", "dw.1", "pw.0", "fc"]
     for r in rows:
         assert r["mean_abs_shift_after"] <= 1e-5 + 1e-3 * r["mean_abs_shift_before"]
@@ -47,3 +47,63 @@ def test_the_correction_survives_export(mobile, mobile_data, pair, tmp_path):
         reference, before = mobile(x), plain(x)
     runtime = open_runner(tmp_path / "corrected.onnx").predict(x)
     assert _mean_shift(reference, runtime) < 0.3 * _mean_shift(reference, before)
+
+
+def _float_reference(mobile, mobile_data):
+    from deepshrink.quantization.graph_passes import float_graph
+
+    return float_graph(mobile, mobile_data.example_input(), max_batch=1024)[0]
+
+
+def test_a_correction_that_lowers_fidelity_is_undone(mobile, mobile_data, pair):
+    import copy
+
+    from deepshrink.quantization.bias_correction import calibration_batches, correct_bias
+
+    plain, _ = pair
+    q = copy.deepcopy(plain)
+    batches = calibration_batches(mobile_data, 128)
+    with torch.no_grad():
+        uncorrected = [q(x) for x in batches]
+    # measured against the uncorrected outputs themselves, any change lowers fidelity
+    record = correct_bias(q, _float_reference(mobile, mobile_data), batches, expected=uncorrected)
+    assert not record["kept"] and record["fidelity_before"]["sqnr_db"] == float("inf")
+    assert record["layers"][-1]["mean_abs_shift_after"] < record["layers"][-1]["mean_abs_shift_before"]
+    with torch.no_grad():
+        for x, before in zip(batches, uncorrected):
+            torch.testing.assert_close(q(x), before, rtol=0, atol=0)
+
+
+def test_each_layer_is_corrected_after_the_ones_before_it_in_one_pass(mobile, mobile_data, pair):
+    """The layer-major pass gives every layer the float mean at once: what the old loop reached
+    with two whole-model runs per layer."""
+    import copy
+
+    from deepshrink.quantization.bias_correction import calibration_batches, channel_means, correct_layer_by_layer
+    from deepshrink.quantization.graph_passes import bias_node, weighted_nodes
+
+    plain, _ = pair
+    q = copy.deepcopy(plain)
+    batches = calibration_batches(mobile_data, 128)
+    layers = weighted_nodes(q)
+    names = [n.name for n in layers]
+    assert len(names) == 4
+    target, _ = channel_means(_float_reference(mobile, mobile_data), batches, names)
+    biases = {n.name: bias_node(q, n, create=True) for n in layers}
+    correct_layer_by_layer(q, batches, target, biases)
+    after, _ = channel_means(q, batches, names)
+    for name in names:
+        torch.testing.assert_close(after[name], target[name], rtol=0, atol=1e-5)
+
+
+def test_bias_correction_reports_progress_through_the_progress_lines(mobile, mobile_data, caplog, monkeypatch):
+    import logging
+
+    import deepshrink.core.progress as progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="deepshrink"):
+        quantize(mobile, Int8Static(per_channel=False, bias_correction=True, calibration_samples=64), data=mobile_data)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("bias correction: layer by layer: ") for line in lines)
+    assert any(line.startswith("bias correction kept") or line.startswith("bias correction dropped") for line in lines)

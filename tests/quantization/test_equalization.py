@@ -70,3 +70,49 @@ def test_linear_pairs_equalize_too():
     report = equalize_graph(gm)
     torch.testing.assert_close(_run(gm, x), model(x).detach(), rtol=1e-5, atol=1e-5)
     assert report[0]["ratio_before"] > 20 and report[0]["ratio_after"] == pytest.approx(1.0, abs=1e-4)
+
+
+class _ClampedPair(nn.Module):
+    """conv -> clamp(min=0) (ReLU written as a clamp, as some converters emit it) -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.a.weight.mul_(torch.tensor([50.0, 1, 0.02, 1]).reshape(4, 1, 1, 1))
+
+    def forward(self, x):
+        return self.b(torch.clamp(self.a(x), min=0))
+
+
+def test_a_clamp_without_upper_bound_is_equalized_like_relu():
+    torch.manual_seed(0)
+    model = _ClampedPair().eval()
+    x = torch.randn(8, 1, 8, 8)
+    gm, report = float_graph(model, x[:1], max_batch=64, equalization="cle")
+    assert [(r["first"], r["second"], r["changes_float_model"]) for r in report] == [("a", "b", False)]
+    assert float((_run(gm, x) - model(x).detach()).abs().max()) < 1e-5
+
+
+def test_the_guard_drops_relu6_as_relu_where_it_lowers_int8_fidelity(mobile, mobile_data):
+    from deepshrink.quantization import Int8Static, quantize
+
+    plain = quantize(mobile, Int8Static(per_channel=False), data=mobile_data)
+    guarded = quantize(mobile, Int8Static(per_channel=False, equalization="cle_relu6_as_relu"), data=mobile_data)
+    record = guarded._deepshrink_quant["equalization"]
+    assert record["changes_float_model"] and not record["applied"]
+    assert record["fidelity_with"]["sqnr_db"] < record["fidelity_without"]["sqnr_db"]
+    x = torch.stack([mobile_data.test[i][0] for i in range(32)])
+    torch.testing.assert_close(_run(guarded, x), _run(plain, x), rtol=0, atol=0)   # exactly the unequalized model
+
+
+def test_the_guard_keeps_exact_cle_where_it_helps():
+    from deepshrink.quantization import Int8Static, quantize
+
+    from .conftest import labelled_by
+
+    model = make_mobile(act=nn.ReLU)
+    q = quantize(model, Int8Static(per_channel=False, equalization="cle"), data=labelled_by(model))
+    record = q._deepshrink_quant["equalization"]
+    assert record["applied"] and not record["changes_float_model"] and len(record["pairs"]) == 2
+    assert record["fidelity_with"]["sqnr_db"] >= record["fidelity_without"]["sqnr_db"]

@@ -34,12 +34,16 @@ class Int8Static:
 
     ``per_channel``: one weight scale per output channel; ``None`` takes the target's setting.
     ``bias_correction``: after conversion, add to each layer's bias the mean output error
-    (float minus quantized) over the calibration samples, layer by layer (empirical bias
-    correction, Nagel et al. 2019 §4.2); it lives in the bias, so it survives export.
+    (float minus quantized) over the calibration samples, each layer after the ones before it
+    (empirical bias correction, Nagel et al. 2019 §4.2; four batched passes whatever the depth);
+    it lives in the bias, so it survives export.
     ``equalization``: cross-layer equalization before quantization: ``cle`` rescales
-    conv/linear pairs joined by ReLU (exact in float); ``cle_relu6_as_relu`` also equalizes
-    across ReLU6/hardtanh by replacing them with ReLU, as Nagel et al. do for MobileNetV2
-    (this changes the float model).
+    conv/linear pairs joined by ReLU (exact in float) and skips, with the reason recorded, the
+    pairs joined by a clip (ReLU6, hardtanh, clamp): scaling across a clip changes the float
+    function. ``cle_relu6_as_relu`` also equalizes across ReLU6 by replacing it with ReLU, as
+    Nagel et al. do for MobileNetV2: this CHANGES THE FLOAT MODEL wherever an activation exceeded 6.
+    Both repairs are kept only if int8 top-1 agreement with the original float model (then its
+    SQNR) on the calibration samples does not drop; ``quantize_report`` says which were kept.
     ``int8_layout``: activation dtype and weight range (``core.targets.INT8_LAYOUTS``); ``None``
     takes the target's (``s8s8`` for XNNPACK, ``u8s8-reduced`` for ONNX Runtime: 7-bit weights,
     which ONNX Runtime's x86 kernels cannot saturate on CPUs without VNNI).

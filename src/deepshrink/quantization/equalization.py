@@ -7,20 +7,38 @@ the range of input channel ``i`` of ``W2`` — makes both ranges ``sqrt(r1_i r2_
 per-tensor (or per-channel) grid fits every channel. This matters for depthwise convs,
 whose channels' ranges differ by orders of magnitude after batch-norm folding.
 
-Pairs: conv/linear -> [ReLU | nothing] -> [zero padding | max/avg pooling]* -> conv/linear, every
-intermediate node used once (pooling and zero padding commute with a positive per-channel scale). ReLU6/hardtanh is not scale-equivariant (``min(x / s, 6) != min(x, 6) / s``):
-such pairs are skipped, or with ``relu6_as_relu`` the clamp is replaced by ReLU first (what
-the paper does for MobileNetV2; it changes the float model where activations exceeded 6).
+Pairs: conv/linear -> [ReLU | clamp(min=0) | nothing] -> [zero padding | max/avg pooling]* ->
+conv/linear, every intermediate node used once (pooling and zero padding commute with a
+positive per-channel scale).
+
+A clip is not scale-equivariant: ``min(x / s, 6) != min(x, 6) / s``. The exact rewrite clips
+channel ``i`` at ``6 / s_i``, but a per-channel bound does not fuse into a conv (XNNPACK's output
+clamp is one min/max per kernel), so it would run as a separate op on a per-tensor int8 grid that
+spans the largest bound, or in float; so ``equalize_graph`` skips such pairs (ReLU6, hardtanh,
+clamp with an upper bound) and reports them, and the float function stays exactly what it was.
+``relu6_as_relu`` (the ``cle_relu6_as_relu`` option) replaces ReLU6 (clip at 0 and above)
+by ReLU first, as Nagel et al. do for MobileNetV2: this CHANGES THE FLOAT MODEL wherever an
+activation exceeded its bound (on a trained MobileNet: top-1 agreement with the original fell
+from 0.86 to 0.18); every such row says ``changes_float_model``, and ``quantize_static`` keeps it
+only if int8 agreement with the original float model on the calibration samples does not drop.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import time
+from typing import Callable
 
 import torch
 from torch.fx import GraphModule, Node
 
+from deepshrink.core import samples as S
+from deepshrink.quantization.bias_correction import channel_means, describe_fidelity, no_worse, output_fidelity
 from deepshrink.quantization.graph_passes import get_attr_tensor, set_attr_tensor
 from deepshrink.quantization.quantizer import CLAMP_TARGETS, CONV_TARGETS, LINEAR_TARGETS, PAD_TARGETS, is_zero_pad, layer_name
+
+log = logging.getLogger(__name__)
 
 RELU_TARGETS = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 # per-channel ops that commute with a positive per-channel scale
@@ -64,11 +82,14 @@ def find_pairs(gm: GraphModule, *, relu6_as_relu: bool) -> tuple[list[tuple[Node
                 node = None
                 break
             node = next(iter(node.users))
-            if node.target in RELU_TARGETS and activation is None:
+            if activation is None and (node.target in RELU_TARGETS or (node.target in CLAMP_TARGETS and clamp_bounds(node) == (0.0, None))):
                 activation = node
             elif node.target in CLAMP_TARGETS and activation is None:
-                if not relu6_as_relu:
-                    reason, node = "ReLU6/hardtanh is not scale-equivariant (use equalization='cle_relu6_as_relu')", None
+                low, high = clamp_bounds(node)
+                if not relu6_as_relu or low != 0.0:
+                    reason = (f"clip to [{low}, {high}] is not scale-equivariant: equalizing across it would change the float model "
+                              "(cle_relu6_as_relu does that for clips at 0, under the int8 fidelity check)")
+                    node = None
                     break
                 activation = node
             elif (node.target in PAD_TARGETS and is_zero_pad(node)) or node.target in POOL_TARGETS:
@@ -86,15 +107,30 @@ def find_pairs(gm: GraphModule, *, relu6_as_relu: bool) -> tuple[list[tuple[Node
     return pairs, skipped
 
 
+def clamp_bounds(node: Node) -> tuple[float | None, float | None]:
+    """``(low, high)`` of a ``hardtanh``/``clamp`` node (``None``: unbounded on that side)."""
+    if node.target == torch.ops.aten.clamp.default:
+        args = list(node.args[1:]) + [None, None]
+        low, high = node.kwargs.get("min", args[0]), node.kwargs.get("max", args[1])
+    else:
+        args = list(node.args[1:]) + [-1.0, 1.0][len(node.args) - 1:]
+        low, high = node.kwargs.get("min_val", args[0]), node.kwargs.get("max_val", args[1])
+    finite = lambda v: None if v is None or math.isinf(v) else float(v)  # noqa: E731
+    return finite(low), finite(high)
+
+
 def equalize_graph(gm: GraphModule, *, relu6_as_relu: bool = False, iterations: int = 20, tol: float = 1e-6) -> list[dict]:
-    """Equalize every pair in place (iterating, since chains share layers); return per-pair
-    ``{first, second, activation, ratio_before, ratio_after}`` where ratio is the mean over
-    channels of ``max(r1_i, r2_i) / min(r1_i, r2_i)`` (1 = equalized)."""
+    """Equalize every pair in place (iterating, since chains share layers); return per pair
+    ``{first, second, activation, changes_float_model, ratio_before, ratio_after}`` where ratio
+    is the mean over channels of ``max(r1_i, r2_i) / min(r1_i, r2_i)`` (1 = equalized), then per
+    skipped pair ``{first, reason}`` with ``second`` ``None``."""
     pairs, skipped = find_pairs(gm, relu6_as_relu=relu6_as_relu)
-    if relu6_as_relu:
-        for _, _, activation in pairs:
-            if activation is not None and activation.target in CLAMP_TARGETS:
-                activation.target, activation.args, activation.kwargs = torch.ops.aten.relu.default, (activation.args[0],), {}
+    replaced = set()
+    for _, _, activation in pairs:
+        if activation is not None and activation.target in CLAMP_TARGETS and clamp_bounds(activation)[1] is not None:
+            activation.target, activation.args, activation.kwargs = torch.ops.aten.relu.default, (activation.args[0],), {}
+            replaced.add(activation)
+    if replaced:
         gm.recompile()
     before = [_imbalance(gm, first, second) for first, second, _ in pairs]
     for _ in range(iterations):
@@ -105,10 +141,44 @@ def equalize_graph(gm: GraphModule, *, relu6_as_relu: bool = False, iterations: 
             break
     report = [
         {"first": layer_name(first), "second": layer_name(second),
-         "activation": "relu" if activation is not None else "none", "ratio_before": b, "ratio_after": _imbalance(gm, first, second)}
+         "activation": "relu6 replaced by relu" if activation in replaced else ("relu" if activation is not None else "none"),
+         "changes_float_model": activation in replaced, "ratio_before": b, "ratio_after": _imbalance(gm, first, second)}
         for (first, second, activation), b in zip(pairs, before)
     ]
-    return report + [{**s, "second": None, "activation": None, "ratio_before": None, "ratio_after": None} for s in skipped]
+    return report + [{**s, "second": None, "activation": None, "changes_float_model": False, "ratio_before": None, "ratio_after": None}
+                     for s in skipped]
+
+
+def guarded_equalization(reference: GraphModule, plain: tuple, ptq: Callable[[GraphModule], tuple], batches: list, expected: list,
+                         *, relu6_as_relu: bool) -> tuple[tuple, GraphModule, dict]:
+    """Equalize a copy of the float graph ``reference``, quantize it with ``ptq`` (float graph ->
+    ``(quantized, samples seen, ranges)``) and keep it only if its outputs on ``batches`` are no
+    further from ``expected`` (the original float outputs) than those of ``plain`` (``ptq`` of
+    ``reference``). Returns the kept ``ptq`` result, the float graph it came from, and the record:
+    ``{mode, applied, pairs, skipped, changes_float_model, fidelity_with, fidelity_without, seconds}``."""
+    started = time.perf_counter()
+    equalized = copy.deepcopy(reference)
+    rows = equalize_graph(equalized, relu6_as_relu=relu6_as_relu)
+    pairs = [r for r in rows if r["second"] is not None]
+    record = {"mode": "cle_relu6_as_relu" if relu6_as_relu else "cle", "applied": False, "pairs": pairs,
+              "skipped": [{"first": r["first"], "reason": r["reason"]} for r in rows if r["second"] is None],
+              "changes_float_model": any(r["changes_float_model"] for r in pairs)}
+    if not pairs:
+        log.info("equalization: nothing to equalize (%d pairs skipped)", len(record["skipped"]))
+        return plain, reference, {**record, "reason": "no pair to equalize", "seconds": round(time.perf_counter() - started, 3)}
+    equalized_float = copy.deepcopy(equalized)   # ptq rewrites its argument; bias correction needs the float graph
+    candidate = ptq(equalized)
+    with_it = output_fidelity(expected, channel_means(candidate[0], batches, [], desc="equalization check: with")[1])
+    without = output_fidelity(expected, channel_means(plain[0], batches, [], desc="equalization check: without")[1])
+    kept = no_worse(with_it, without)
+    log.info("equalization (%s, %d pairs%s) %s: int8 %s with it, %s without, on %d calibration samples", record["mode"], len(pairs),
+             ", float model changed" if record["changes_float_model"] else "", "kept" if kept else "dropped (it lowered fidelity)",
+             describe_fidelity(with_it), describe_fidelity(without), sum(S.batch_size(x) for x in batches))
+    record.update(applied=kept, fidelity_with=with_it, fidelity_without=without, seconds=round(time.perf_counter() - started, 3))
+    if not kept:
+        record["reason"] = "int8 fidelity to the float model on the calibration samples was lower with it"
+        return plain, reference, record
+    return candidate, equalized_float, record
 
 
 def _equalize_pair(gm: GraphModule, first: Node, second: Node) -> float:

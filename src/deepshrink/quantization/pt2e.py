@@ -1,12 +1,15 @@
 """Post-training int8 through PT2E (torchao) with the XNNPACK quantizer, driven by the target.
 
-Static: float graph (batch norm and padding folded, optional CLE) -> prepare -> calibrate ->
-convert -> optional bias correction. Dynamic: prepare -> one forward so the weight observers
+Static: float graph (batch norm and padding folded) -> prepare -> calibrate -> convert; then
+the optional repairs, each kept only if int8 fidelity to the float model on the calibration
+samples does not drop: cross-layer equalization (a second quantization of the equalized graph,
+the better one kept) and bias correction. Dynamic: prepare -> one forward so the weight observers
 see the weights -> convert. Both record what they did in ``model._deepshrink_quant``.
 """
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -47,28 +50,48 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
 
     fp32 = check_fp32_layers(model, config.fp32_layers)
     per_channel = target.quantizer.per_channel_weights if config.per_channel is None else config.per_channel
-    graph, equalization = float_graph(model, data.example_input(), max_batch=target.max_batch, equalization=config.equalization,
-                                      dynamic=data.dynamic)
-    reference = copy.deepcopy(graph) if config.bias_correction else None
+    graph, _ = float_graph(model, data.example_input(), max_batch=target.max_batch, dynamic=data.dynamic)
     layout = config.int8_layout or target.quantizer.int8_layout
-    quantizer = build_quantizer(
-        quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile,
-                            int8_layout=layout),
-        fp32_layers=fp32, embeddings=config.embeddings,
-    )
-    prepared = prepare_pt2e(graph, quantizer)
-    seen = calibrate(prepared, data, config.calibration_samples)
-    ranges = activation_ranges_of(prepared)
-    converted = convert_pt2e(prepared)
-    drop_unused_weights(converted)   # the float originals of the folded int8 weights
+
+    def ptq(source: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[dict]]:
+        quantizer = build_quantizer(
+            quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile,
+                                int8_layout=layout),
+            fp32_layers=fp32, embeddings=config.embeddings,
+        )
+        prepared = prepare_pt2e(source, quantizer)
+        seen = calibrate(prepared, data, config.calibration_samples)
+        ranges = activation_ranges_of(prepared)
+        converted = convert_pt2e(prepared)
+        drop_unused_weights(converted)   # the float originals of the folded int8 weights
+        return converted, seen, ranges
+
+    repairs = config.equalization != "none" or config.bias_correction
+    if repairs:
+        from deepshrink.quantization.bias_correction import calibration_batches, channel_means
+
+        batches = calibration_batches(data, config.calibration_samples)
+        # the original float function: what every repair is measured against
+        expected = channel_means(graph, batches, [], desc="float reference outputs")[1]
+    reference = copy.deepcopy(graph) if repairs else None
+    result = ptq(graph)
+    equalization: dict = {"mode": "none", "applied": False}
+    if config.equalization != "none":
+        from deepshrink.quantization.equalization import guarded_equalization
+
+        result, reference, equalization = guarded_equalization(reference, result, ptq, batches, expected,
+                                                               relu6_as_relu=config.equalization == "cle_relu6_as_relu")
+    converted, seen, ranges = result
     details = {
         "calibration": config.calibration, "calibration_samples_used": seen, "per_channel": per_channel,
         "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32), "int8_layout": layout,
     }
-    if reference is not None:
-        from deepshrink.quantization.bias_correction import calibration_batches, correct_bias
+    if config.bias_correction:
+        from deepshrink.quantization.bias_correction import correct_bias
 
-        details["bias_correction"] = correct_bias(converted, reference, calibration_batches(data, config.calibration_samples))
+        started = time.perf_counter()
+        details["bias_correction"] = correct_bias(converted, reference, batches, expected=expected)
+        details["bias_correction"]["seconds"] = round(time.perf_counter() - started, 3)
     object.__setattr__(converted, "_deepshrink_quant", details)
     return converted
 

@@ -49,8 +49,10 @@ def layer_sqnr_report(float_model: nn.Module, quantized_model: nn.Module, data: 
     if not info or not isinstance(quantized_model, torch.fx.GraphModule):
         raise ConfigError("layer_sqnr_report: quantized_model must be the graph returned by deepshrink.quantize")
     config = info.get("config", {})
+    applied = info.get("equalization") or {}   # what quantize kept: the guard may have dropped the config's CLE
+    equalization = config.get("equalization", "none") if isinstance(applied, dict) and applied.get("applied") else "none"
     reference, _ = float_graph(float_model, data.example_input(), max_batch=get_target("xnnpack").max_batch, dynamic=data.dynamic,
-                               equalization=config.get("equalization", "none"))
+                               equalization=equalization)
     float_layers = {n.name: n for n in weighted_nodes(reference)}
     layers = [n for n in weighted_nodes(quantized_model) if n.name in float_layers and _dequantized_weight(n) is not None]
     if not layers:
