@@ -19,6 +19,7 @@ CLAIMS = [
     ("lenet-5-w8a8.pte", "mnist", 0.77, None, None, "quant_int8.md"),
     ("lenet-300-100.dsk", "mnist", 1.51, None, 13_330, "deep_compression.md"),
     ("lenet-300-100-vd.dsk", "mnist", 1.51, None, 13_330, "deep_compression.md"),
+    ("lenet-300-100-vd-kl1.dsk", "mnist", 1.50, None, 9_573, "vd_probe.md"),
     ("lenet-300-100-han.dsk", "mnist", 1.71, None, 18_528, "deep_compression.md"),
     ("lenet-5-structured.pte", "mnist", 0.71, None, None, "structured.md"),
     ("lenet-5.dsk", "mnist", 0.79, None, 29_743, "deep_compression.md"),
