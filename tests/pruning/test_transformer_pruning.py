@@ -83,7 +83,7 @@ def test_shrunk_model_equals_its_masked_reference_and_has_the_expected_size(key,
     build, x, per_head, per_neuron = MODELS[key]
     model = build()
     before = _params(model)
-    prune(model, TransformerPruning(heads=1, ffn=0.25, importance=importance, sensitivity=False, batches=2), example_input=x)
+    prune(model, TransformerPruning(heads=1, ffn=0.25, importance=importance, block_sensitivity=False, batches=2), example_input=x)
     report = prune_report(model)
     assert set(report.heads.values()) == {(4, 3)} and len(report.heads) == 2
     assert set(report.neurons.values()) == {(64, 48)} and len(report.neurons) == 2
@@ -125,7 +125,7 @@ def test_multihead_attention_is_replaced_and_still_matches_with_weights_and_a_3d
 
 def test_pruning_twice_composes():
     model = _torch_encoder()
-    config = TransformerPruning(heads=1, ffn=0.0, sensitivity=False)
+    config = TransformerPruning(heads=1, ffn=0.0, block_sensitivity=False)
     prune(model, config, example_input=(X, PADDING))
     first = prune_report(model).removed["layers.0.self_attn"]
     prune(model, config, example_input=(X, PADDING))
@@ -167,7 +167,7 @@ def test_label_free_taylor_prunes_the_head_whose_values_are_zero():
 @pytest.mark.parametrize("heads, removed", [(2, 2), (0.5, 2), (0.3, 1), (0.9, 3), (0.0, 0)])
 def test_heads_as_a_count_or_a_fraction_keep_at_least_one(heads, removed):
     model = tt.tiny_bert()
-    prune(model, TransformerPruning(heads=heads, ffn=0.25, sensitivity=False), example_input=tt.token_batch())
+    prune(model, TransformerPruning(heads=heads, ffn=0.25, block_sensitivity=False), example_input=tt.token_batch())
     assert set(prune_report(model).heads.values()) == {(4, 4 - removed)}
 
 
@@ -239,7 +239,7 @@ def test_the_pruned_model_lowers_to_a_pte(tmp_path):
 
     torch.manual_seed(0)
     model = tt.TinyProj(layers=1).eval()
-    prune(model, TransformerPruning(heads=1, ffn=0.5, sensitivity=False), example_input=X)
+    prune(model, TransformerPruning(heads=1, ffn=0.5, block_sensitivity=False), example_input=X)
     result = export(model, tmp_path / "proj.pte", example_input=X)   # the parity gate runs the .pte against the module
     assert result.parity_max_abs_diff < 1e-5 and (tmp_path / "proj.pte").stat().st_size > 0
 
@@ -284,3 +284,10 @@ def test_a_recipe_names_it_transformer_and_the_report_has_plain_data():
     assert report["neurons"]["encoder.layer.1"] == {"before": 64, "after": 48}
     assert report["sparsity"] == pytest.approx(1 - report["params_after"] / report["params_before"])
     assert yaml.safe_load(yaml.safe_dump(report)) == report
+
+
+def test_a_recipe_can_turn_the_block_sensitivity_off():
+    from deepshrink.pipeline.recipe import parse_prune
+
+    stage = parse_prune({"method": "transformer", "heads": 1, "ffn": 0.5, "block_sensitivity": False}, "stages[0].prune")
+    assert stage.pruning == TransformerPruning(heads=1, ffn=0.5, block_sensitivity=False)

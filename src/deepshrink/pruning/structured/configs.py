@@ -82,7 +82,7 @@ class TransformerPruning:
     ``layers`` / ``skip``: names or ``re:`` regexes of the blocks to prune / leave alone; a pattern
     may name the attention module, the feed-forward's module, one of their layers or any module
     above them (``encoder.layer.0`` means both blocks of that layer); empty ``layers``: all blocks.
-    ``sensitivity``: also measure, on the example input, the first output's change (SQNR, cosine)
+    ``block_sensitivity``: also measure, on the example input, the first output's change (SQNR, cosine)
     when each block alone is pruned as chosen, so the report shows which blocks tolerate it.
     """
 
@@ -92,7 +92,7 @@ class TransformerPruning:
     layers: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     round_to: int | None = None
-    sensitivity: bool = True
+    block_sensitivity: bool = True   # not ``sensitivity``: a prune stage reads that key as the sensitivity sweep
     batches: int = 8
     batch_size: int = 64
     seed: int = 0

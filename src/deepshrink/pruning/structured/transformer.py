@@ -85,7 +85,7 @@ def prune_transformer(model: nn.Module, config: TransformerPruning, *, example_i
     reference = None
     if example_input is not None:
         reference = _first_output(model, example_input)
-        if config.sensitivity:
+        if config.block_sensitivity:
             report.sensitivity = {b.name: {"removed": len(r), **_masked_change(model, [(b, r)], example_input, reference)}
                                   for b, r in zip(blocks, removed) if r}
     for block, gone in zip(blocks, removed):
