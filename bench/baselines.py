@@ -37,6 +37,7 @@ def dense_baseline(name: str, data=None) -> tuple[torch.nn.Module, float]:
         model = load(path)
     else:
         torch.set_num_threads(1)
+        torch.manual_seed(0)   # the initial weights too: the same baseline on every machine
         model = create(name)
         started = time.perf_counter()
         fit(model, data, TrainConfig(**RECIPES[name], seed=0), progress=False)

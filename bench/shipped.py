@@ -70,12 +70,13 @@ class Floor(torch.nn.Module):
 
 
 def small_model(name: str, dense: torch.nn.Module, data) -> torch.nn.Module:
-    """Our smallest model of ``name`` in eager PyTorch (cached)."""
+    """Our smallest model of ``name`` in eager PyTorch (cached; seeded, so the same on every machine)."""
     if name == "lenet-300-100":
         return load(ARTIFACTS / SMALL_DSK[name]).eval()
     path = WORK / "lenet-5-structured.safetensors"
     if path.is_file():
         return load(path).eval()
+    torch.manual_seed(0)
     model = copy.deepcopy(dense)
     prune(model, LENET_PRUNE, example_input=data.example_input(64), data=data)
     fit(model, data, LENET_FINETUNE, teacher=dense, progress=False)
@@ -135,6 +136,9 @@ def build(name: str, data) -> tuple[dict, dict]:
 
 def choose(name: str, measured: dict, candidates: dict) -> str:
     fine = [k for k in candidates if 100 * (1 - measured[k].accuracy) <= BOUNDS[name]]
+    if not fine:   # none within the bound: the best error is shipped, and the verdict says the bound was missed
+        best = min(100 * (1 - measured[k].accuracy) for k in candidates)
+        fine = [k for k in candidates if 100 * (1 - measured[k].accuracy) <= best + 0.02]
     fastest = min(measured[k].latency_ms_median for k in fine)
     tied = [k for k in fine if measured[k].latency_ms_median <= NOISE * fastest]
     return min(tied, key=lambda k: measured[k].file_bytes)
