@@ -71,6 +71,7 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
         raise ExportError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     with atomic_path(path) as tmp:
         strip_debug_metadata(onnx_program.model)
+        int4_lookup_tables(onnx_program.model)
         onnx_program.save(str(tmp))
 
 
@@ -88,3 +89,55 @@ def strip_debug_metadata(model) -> None:
         value.metadata_props.clear()
 
 
+
+
+def int4_lookup_tables(model) -> int:
+    """Store two codes a byte every int8 initializer whose codes all fit in ``[-8, 7]`` (a table
+    quantized with ``embeddings: 4``) and that only a ``DequantizeLinear`` feeding ``Gather``
+    reads, with zero points all 0. The table becomes a uint8 ``[rows, cols / 2]`` initializer
+    (code + 8; the even column in the high nibble, as ExecuTorch's ``embedding_4bit``) unpacked by
+    constant nodes (``BitShift``/``BitwiseAnd``, then zero point 8), which ONNX Runtime folds when
+    it loads the model: the same int8 codes, half the bytes on disk. (Opset 21's int4
+    ``DequantizeLinear`` would need no unpacking, but ONNX Runtime 1.31's QDQ rewrites then emit
+    invalid ``QuantizeLinear`` nodes.) Returns how many tables were packed."""
+    import numpy as np
+    import onnx_ir as ir
+
+    packed = 0
+    for node in list(model.graph):
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        table, _, zero = node.inputs[:3]
+        if table is None or not table.is_initializer() or table.const_value is None or table.const_value.dtype != ir.DataType.INT8:
+            continue
+        if len(table.uses()) != 1 or not all(use[0].op_type == "Gather" for use in node.outputs[0].uses()):
+            continue
+        codes = table.const_value.numpy()
+        if codes.ndim != 2 or codes.shape[1] % 2 or codes.min() < -8 or codes.max() > 7:
+            continue
+        if zero is None or zero.const_value is None or np.any(zero.const_value.numpy()) or zero.shape != ir.Shape([codes.shape[0]]):
+            continue
+        biased = (codes.astype(np.int16) + 8).astype(np.uint8)
+        nibbles = ir.Value(name=f"{table.name}_nibbles", const_value=ir.tensor((biased[:, 0::2] << 4) | biased[:, 1::2]))
+
+        def const(name, value):
+            v = ir.Value(name=f"{table.name}_{name}", const_value=ir.tensor(value))
+            model.graph.register_initializer(v)
+            return v
+
+        model.graph.register_initializer(nibbles)
+        high = ir.node("BitShift", [nibbles, const("four", np.array(4, np.uint8))], attributes={"direction": "RIGHT"})
+        low = ir.node("BitwiseAnd", [nibbles, const("fifteen", np.array(15, np.uint8))])
+        last = const("last_axis", np.array([-1], np.int64))
+        pairs = [ir.node("Unsqueeze", [high.outputs[0], last]), ir.node("Unsqueeze", [low.outputs[0], last])]
+        joined = ir.node("Concat", [pairs[0].outputs[0], pairs[1].outputs[0]], attributes={"axis": -1})
+        unpacked = ir.node("Reshape", [joined.outputs[0], const("shape", np.array(codes.shape, np.int64))])
+        eights = ir.node("Expand", [const("eight", np.array(8, np.uint8)), const("rows", np.array(codes.shape[:1], np.int64))])
+        model.graph.insert_before(node, [high, low, *pairs, joined, unpacked, eights])
+        node.replace_input_with(0, unpacked.outputs[0])
+        node.replace_input_with(2, eights.outputs[0])
+        for old in (table, zero):
+            if not old.uses() and old.is_initializer():
+                model.graph.initializers.pop(old.name)
+        packed += 1
+    return packed

@@ -51,9 +51,12 @@ def quantized_embeddings(program: torch.export.ExportedProgram) -> int:
     """Rewrite, in place, ``embedding(dequantize_per_channel(table_int8, scales, zeros, axis 0), ids)``
     into ExecuTorch's ``quantized_decomposed.embedding_byte(table_int8, scales, None, ids)``: the
     rows looked up are dequantized, not the whole table on every call (XNNPACK has no gather; this
-    runs on ExecuTorch's quantized kernels). Symmetric tables only (zero points all 0, which the
-    kernel then needs not). Returns how many were rewritten."""
-    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  defines embedding_byte
+    runs on ExecuTorch's quantized kernels). A table whose codes all fit in 4 bits (``[-8, 7]``:
+    ``annotate_embeddings(bits=4)``) is packed two codes a byte (the even column in the high
+    nibble, code + 8, the layout of ``embedding_4bit``) and looked up by ``embedding_4bit``.
+    Symmetric tables only (zero points all 0, which the kernel then needs not). Returns how many
+    were rewritten."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  defines embedding_byte/_4bit
     import executorch.kernels.quantized  # noqa: F401  registers its out variant for to_executorch
 
     graph = program.graph_module.graph
@@ -65,9 +68,11 @@ def quantized_embeddings(program: torch.export.ExportedProgram) -> int:
         weight, scales, zeros, axis, qmin, qmax, dtype = table.args[:7]
         if axis != 0 or dtype != torch.int8 or _constant(program, zeros).count_nonzero():
             continue
+        op, args = torch.ops.quantized_decomposed.embedding_byte.default, (weight, scales, None, qmin, qmax, node.args[1])
+        if qmin >= -8 and qmax <= 7 and _pack_nibbles(program, weight, table):
+            op, args = torch.ops.quantized_decomposed.embedding_4bit.default, (weight, scales, None, -8, 7, node.args[1])
         with graph.inserting_before(node):
-            fused = graph.call_function(torch.ops.quantized_decomposed.embedding_byte.default,
-                                        (weight, scales, None, qmin, qmax, node.args[1]))
+            fused = graph.call_function(op, args)
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
@@ -80,6 +85,27 @@ def quantized_embeddings(program: torch.export.ExportedProgram) -> int:
         graph.lint()
         program.graph_module.recompile()
     return rewritten
+
+
+def _pack_nibbles(program: torch.export.ExportedProgram, weight: torch.fx.Node, reader: torch.fx.Node) -> bool:
+    """Replace the int8 ``[rows, cols]`` constant ``weight`` (codes in ``[-8, 7]``) by its uint8
+    ``[rows, cols / 2]`` packing, if ``reader`` is its only reader and ``cols`` is even."""
+    codes = _constant(program, weight)
+    if codes.dim() != 2 or codes.shape[1] % 2 or set(weight.users) != {reader} or codes.min() < -8 or codes.max() > 7:
+        return False
+    biased = (codes.to(torch.int16) + 8).to(torch.uint8)
+    packed = (biased[:, 0::2] << 4) | biased[:, 1::2]
+    _set_constant(program, weight, packed.contiguous())
+    return True
+
+
+def _set_constant(program: torch.export.ExportedProgram, node: torch.fx.Node, value: torch.Tensor) -> None:
+    sig = program.graph_signature
+    name = (sig.inputs_to_parameters.get(node.name) or sig.inputs_to_buffers.get(node.name)
+            or sig.inputs_to_lifted_tensor_constants.get(node.name))
+    store = program.state_dict if name in program.state_dict else program.constants
+    store[name] = torch.nn.Parameter(value, requires_grad=False) if isinstance(store[name], torch.nn.Parameter) else value
+    node.meta["val"] = node.meta["val"].fake_mode.from_tensor(value, static_shapes=True)
 
 
 def _drop_unused_constants(program: torch.export.ExportedProgram) -> None:

@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 from torch.fx import Node
 
+from deepshrink.core.errors import ConfigError
 from deepshrink.core.extras import require
 from deepshrink.core.selection import matches
 
@@ -103,9 +104,10 @@ def in_layers(node: Node, patterns: Iterable[str]) -> bool:
     return any(matches(p, path) for p in patterns for path in module_paths(node) if path)
 
 
-def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bool = False):
+def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bool | int = False):
     """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float;
-    ``embeddings``: embedding tables int8 per row as well (weight-only; see ``annotate_embeddings``)."""
+    ``embeddings``: embedding tables quantized per row as well, ``True``/``8`` int8, ``4`` 4-bit
+    (weight-only; see ``annotate_embeddings``)."""
     require("executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
@@ -128,7 +130,7 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bo
                 annotate_clamped(model, self.global_config, self.filter_fn)
             super().annotate(model)
             if embeddings:
-                annotate_embeddings(model, self.filter_fn)
+                annotate_embeddings(model, self.filter_fn, bits=8 if embeddings is True else int(embeddings))
             share_through_padding(model)
             drop_integer_annotations(model)
             return model
@@ -140,16 +142,22 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bo
     return quantizer
 
 
-def annotate_embeddings(gm: torch.fx.GraphModule, filter_fn=None) -> int:
-    """Mark every ``aten.embedding`` table for int8 weight-only quantization, one symmetric scale
-    per row (axis 0, range ±127): the lookup then reads int8 rows (ONNX: ``DequantizeLinear`` →
-    ``Gather``; ExecuTorch: ``embedding_byte``). XNNPACK's quantizer leaves embeddings alone.
+def annotate_embeddings(gm: torch.fx.GraphModule, filter_fn=None, *, bits: int = 8) -> int:
+    """Mark every ``aten.embedding`` table for weight-only quantization, one symmetric scale per
+    row (axis 0): ``bits=8`` range ±127, the lookup then reads int8 rows (ONNX: ``DequantizeLinear``
+    → ``Gather``; ExecuTorch: ``embedding_byte``); ``bits=4`` range ±7, still held in an int8 tensor
+    here and packed two codes a byte at export (ONNX: a uint8 initializer unpacked by constant
+    nodes; ExecuTorch: ``embedding_4bit``). The table is any constant, whatever indexes it: token ids from an input,
+    or a buffer such as BERT's ``position_ids``. XNNPACK's quantizer leaves embeddings alone.
     Returns how many tables were marked."""
     from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
-    spec = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
+    if bits not in (4, 8):
+        raise ConfigError(f"embeddings: {bits!r} bits is not supported; use 8 (int8) or 4 (two codes a byte)")
+    qmax = 2 ** (bits - 1) - 1
+    spec = QuantizationSpec(dtype=torch.int8, quant_min=-qmax, quant_max=qmax, qscheme=torch.per_channel_symmetric,
                             ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=2**-12))
     marked = 0
     for node in gm.graph.nodes:
