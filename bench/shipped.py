@@ -16,8 +16,8 @@ int8 only where XNNPACK runs it faster (`deploy.objective`, the recipe's `object
 the same interleaved run: the dense model in eager PyTorch (the reference of every ratio), its
 plain fp32 exports, ONNX Runtime's own `quantize_static` (QDQ, per channel) of the dense model,
 our structured `.pte` of bench/structured.py, the `.dsk` files of the Deep Compression table, and
-the cheapest real program each runtime can run (one fp32 Linear 784 -> 10), which is the floor of
-any file's time in that runtime. Error: the full 10,000-image test set through each file in its
+a minimal program in each runtime (one fp32 Linear 784 -> 10): the order of any call's fixed cost
+there (not a strict floor: its flatten and layout handling are not free). Error: the full 10,000-image test set through each file in its
 own runtime. Latency: batch 1, one thread, each runtime's own call on bound inputs
 (`Runner.call_for`), all files of a net interleaved in one run.
 
@@ -135,7 +135,7 @@ def build(name: str, data) -> tuple[dict, dict]:
     for suffix in (".pte", ".onnx"):
         path = WORK / f"floor{suffix}"
         export(floor, path, example_input=x1, static_batch=True)
-        references[f"floor: one fp32 Linear 784->10 {suffix}"] = path
+        references[f"minimal program: one fp32 Linear 784->10 {suffix}"] = path
     return candidates, references
 
 
@@ -153,7 +153,7 @@ def table(measured: dict, reference) -> list[str]:
     rows = ["| variant | runtime | test error % | file B | zstd B | gzip B | median µs | p90 µs | × dense eager |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, m in measured.items():
-        error = "—" if label.startswith("floor") else f"{100 * (1 - m.accuracy):.2f}"
+        error = "—" if label.startswith("minimal") else f"{100 * (1 - m.accuracy):.2f}"
         size = lambda v: "—" if v is None else f"{v:,}"  # noqa: E731
         rows.append(f"| {label} | {m.runtime} | {error} | {size(m.file_bytes)} | {size(m.zstd_bytes)} | {size(m.gzip_bytes)} | "
                     f"{m.latency_ms_median * 1e3:.1f} | {m.latency_ms_p90 * 1e3:.1f} | "
@@ -165,15 +165,16 @@ def verdicts(name: str, shipped: str, measured: dict, candidates: dict) -> list[
     m, eager = measured[shipped], measured["dense fp32 eager (the reference)"]
     ratio, err = m.latency_ms_median / eager.latency_ms_median, 100 * (1 - m.accuracy)
     runtime_files = {k: v for k, v in measured.items()   # what a runtime loads: .pte and .onnx (a .dsk runs only in our loader)
-                     if v.runtime in ("executorch", "onnxruntime") and not k.startswith("floor")}
+                     if v.runtime in ("executorch", "onnxruntime") and not k.startswith("minimal")
+                     and 100 * (1 - v.accuracy) <= max(BOUNDS[name], err)}   # as accurate as needed, or as the shipped file
     smallest = min(runtime_files, key=lambda k: runtime_files[k].file_bytes)
-    floor = measured[f"floor: one fp32 Linear 784->10 .{'pte' if m.runtime == 'executorch' else 'onnx'}"]
+    floor = measured[f"minimal program: one fp32 Linear 784->10 .{'pte' if m.runtime == 'executorch' else 'onnx'}"]
     lines = [
         f"- error <= {BOUNDS[name]:.2f} %: {'reached' if err <= BOUNDS[name] else 'missed'} ({err:.2f} % in {m.runtime}).",
         f"- latency <= {TARGETS[name]:.2f}x dense fp32 eager: {'reached' if ratio <= TARGETS[name] else 'missed'} ({ratio:.3f}x: "
-        f"{m.latency_ms_median * 1e3:.1f} µs vs {eager.latency_ms_median * 1e3:.1f} µs; this runtime's floor, one Linear "
-        f"784->10, is {floor.latency_ms_median * 1e3:.1f} µs = {floor.latency_ms_median / eager.latency_ms_median:.3f}x).",
-        f"- the smallest runtime file in the table: {'yes' if smallest == shipped else 'no, ' + smallest}; "
+        f"{m.latency_ms_median * 1e3:.1f} µs vs {eager.latency_ms_median * 1e3:.1f} µs; a minimal program in this runtime, one "
+        f"fp32 Linear 784->10, takes {floor.latency_ms_median * 1e3:.1f} µs = {floor.latency_ms_median / eager.latency_ms_median:.3f}x).",
+        f"- the smallest runtime file in the table within the error bound: {'yes' if smallest == shipped else 'no, ' + smallest}; "
         f"zstd {m.zstd_bytes:,} B, gzip {m.gzip_bytes:,} B of {m.file_bytes:,} B.",
     ]
     if name == "lenet-5":
