@@ -136,3 +136,18 @@ def test_hidden_states_are_scored_by_cosine_similarity_in_every_stage_line(tmp_p
     budget = run.state.quantization["budget"]
     assert budget["float_accuracy"] == pytest.approx(1.0) and budget["met"]
     assert 0.995 <= budget["steps"][-1]["accuracy"] < 1.0   # within 0.5 pt of cosine similarity
+
+
+def test_a_transformer_prune_stage_says_what_it_removed(tmp_path):
+    """method: transformer on a BERT-like user model: the stage line names heads, neurons and
+    parameters, and the fidelity figure is the hidden states' cosine similarity."""
+    tiny = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_transformer.py"
+    logs = []
+    raw = recipe(model=f"{tiny}:tiny_bert", model_args={"positions": 32},
+                 stages=[{"prune": {"method": "transformer", "heads": 1, "ffn": 0.5, "block_sensitivity": False}}])
+    run = run_recipe(raw, tmp_path, progress=False, log=logs.append)
+    line = next(m for m in logs if "prune done" in m)
+    assert "heads 4->3 in 2 blocks, FFN neurons 64->32 in 2 blocks; params" in line
+    assert "cosine similarity with fp32" in line
+    summary = run.state.log[0]["summary"]
+    assert summary["params_after"] < summary["params_before"]

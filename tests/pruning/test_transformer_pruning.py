@@ -291,3 +291,10 @@ def test_a_recipe_can_turn_the_block_sensitivity_off():
 
     stage = parse_prune({"method": "transformer", "heads": 1, "ffn": 0.5, "block_sensitivity": False}, "stages[0].prune")
     assert stage.pruning == TransformerPruning(heads=1, ffn=0.5, block_sensitivity=False)
+
+
+def test_the_report_says_what_went_in_one_line():
+    from deepshrink.pruning.structured import TransformerReport
+
+    report = TransformerReport(heads={"a": (4, 3), "b": (4, 3)}, neurons={"f": (128, 64)}, params_before=1000, params_after=800)
+    assert report.describe() == "heads 4->3 in 2 blocks, FFN neurons 128->64 in 1 block; params 1,000 -> 800 (20.0 % fewer)"

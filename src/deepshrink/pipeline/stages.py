@@ -204,7 +204,8 @@ def _prune_unstructured(state: RunState, stage: PruneStage, ctx) -> dict:
     if stage.schedule is None:
         report = prune_report(prune(state.model, config, data=ctx.data, train_fn=_train_fn(ctx, state)))
         acc = _test_accuracy(state.model, ctx, state)
-        line = f"sparsity {report.sparsity:.1%} of pruned layers, {_score_name(ctx, state)} {acc:.2%}"
+        what = report.describe() if hasattr(report, "describe") else f"sparsity {report.sparsity:.1%} of pruned layers"
+        line = f"{what}, {_score_name(ctx, state)} {acc:.2%}"
         if stage.retrain is None:
             return {**report.as_dict(), **extra, "test_accuracy_before_finetune": acc, "line": f"{line} before fine-tuning"}
         # one-shot prune, then the stage's own retraining with the masks held

@@ -54,6 +54,17 @@ class TransformerReport:
         """Fraction of the model's parameters removed."""
         return 1.0 - self.params_after / max(self.params_before, 1)
 
+    def describe(self) -> str:
+        """One line: ``heads 4->3 in 2 blocks, FFN neurons 128->64 in 2 blocks; params 143,552 -> 118,752 (17.3 % fewer)``."""
+        def widths(units: dict[str, tuple[int, int]], what: str) -> list[str]:
+            pairs: dict[tuple[int, int], int] = {}
+            for pair in units.values():
+                pairs[pair] = pairs.get(pair, 0) + 1
+            return [f"{what} {b}->{a} in {n} block{'s' if n > 1 else ''}" for (b, a), n in pairs.items()]
+        parts = widths(self.heads, "heads") + widths(self.neurons, "FFN neurons")
+        return (f"{', '.join(parts) or 'nothing removed'}; params {self.params_before:,} -> {self.params_after:,} "
+                f"({100 * self.sparsity:.1f} % fewer)")
+
     def as_dict(self) -> dict:
         return {**asdict(self), "heads": {n: {"before": b, "after": a} for n, (b, a) in self.heads.items()},
                 "neurons": {n: {"before": b, "after": a} for n, (b, a) in self.neurons.items()}, "sparsity": self.sparsity}
