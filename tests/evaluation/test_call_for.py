@@ -52,3 +52,13 @@ def test_torch_threads_restores():
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_the_call_outlives_its_runner(files):
+    """The call keeps the program alive: a .pte method run after its program was freed crashes the process."""
+    import gc
+
+    _, out, x = files
+    call = open_runner(out / "static.pte").call_for(x[:1])
+    gc.collect()
+    assert torch.equal(call()[0], open_runner(out / "static.pte").predict(x[:1]))

@@ -26,7 +26,7 @@ def trained(digits):
     """The trained float model, each variant's quantized model, and the outputs of all of them
     on the calibration samples and the test split."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the speed claim is for one core; the training is seeded
+    torch.set_num_threads(1)   # one core, as CI and the benchmarks run; the training is seeded
     try:
         torch.manual_seed(0)   # the initial weights, whatever ran before
         model = zoo.create("mobile-cnn")
@@ -78,10 +78,11 @@ def test_relu6_as_relu_says_it_changes_the_float_model_and_is_kept_only_if_it_he
         assert "lower" in record["reason"]
 
 
-def test_bias_correction_takes_seconds_and_removes_the_mean_error(trained):
+def test_bias_correction_removes_the_mean_error_of_every_layer(trained):
+    """(Its speed is a benchmark's figure, not a timed test's: bench/results/repairs.md gives the
+    quantize time with and without it.)"""
     _, quantized, _ = trained
     bias = quantized["cle+bias_correction"]._deepshrink_quant["bias_correction"]
-    assert bias["seconds"] < 10   # 256 samples, one core; the layer-by-layer version re-ran the model twice per layer
     assert len(bias["layers"]) == 18
     for row in bias["layers"]:
         assert row["mean_abs_shift_after"] <= 1e-5 + 1e-2 * row["mean_abs_shift_before"]

@@ -32,9 +32,13 @@ from typing import Callable, Literal
 
 from torch import nn
 
+from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
+from deepshrink.core.selection import matches, weighted_layers
 from deepshrink.core.targets import TargetProfile
 from deepshrink.core.timing import time_calls
+from deepshrink.deploy.api import export
+from deepshrink.evaluation.runners import open_runner
 from deepshrink.quantization import Int8Dynamic, Int8Static
 
 Objective = Literal["size", "latency", "balanced"]
@@ -43,10 +47,10 @@ MARGIN = 0.02   # a layer goes back to fp32 when that makes the file at least 2 
 TIE = 0.05      # balanced: within 5 % of the fastest counts as as fast
 
 
-def quantizable_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
-    """Names of the Conv/Linear layers (subclasses included) int8 quantization would touch."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return [name for name, m in model.named_modules() if name and isinstance(m, kinds) and name not in skip]
+def quantizable_layers(model: nn.Module, fp32_layers: tuple[str, ...] = ()) -> list[str]:
+    """Names of the Conv/Linear layers (subclasses included) int8 quantization would touch: those
+    no ``fp32_layers`` name or ``re:`` pattern already keeps in float."""
+    return [name for name in weighted_layers(model) if not any(matches(p, name) for p in fp32_layers)]
 
 
 def choose_by_latency(
@@ -59,10 +63,6 @@ def choose_by_latency(
     ``quantize_fn(model, config)`` quantizes a copy of ``model``; ``example_input``: a real batch
     (traced with) whose first sample is timed.
     """
-    from deepshrink.core import samples as S
-    from deepshrink.deploy.api import export
-    from deepshrink.evaluation.runners import open_runner
-
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if not isinstance(config, (Int8Static, Int8Dynamic)):
@@ -73,31 +73,30 @@ def choose_by_latency(
     suffix = ".pte" if target.export_format == "pte" else ".onnx"
     layers = quantizable_layers(model, tuple(config.fp32_layers))
     x1 = S.take(example_input, 0, 1)
-    work = Path(tempfile.mkdtemp(prefix="deepshrink-objective-"))
-    files: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="deepshrink-objective-") as work:
+        files: dict[str, Path] = {}
 
-    def build(label: str, fp32: tuple[str, ...] | None) -> nn.Module:
-        built = model if fp32 is None else quantize_fn(model, dataclasses.replace(config, fp32_layers=tuple(config.fp32_layers) + fp32))
-        path = work / f"{len(files)}{suffix}"
-        export(built, path, example_input=example_input, target=target, parity="warn")
-        files[label] = path
-        return built
+        def build(label: str, fp32: tuple[str, ...] | None) -> nn.Module:
+            built = model if fp32 is None else quantize_fn(model, dataclasses.replace(config, fp32_layers=tuple(config.fp32_layers) + fp32))
+            files[label] = Path(work) / f"{len(files)}{suffix}"
+            export(built, files[label], example_input=example_input, target=target, parity="warn")
+            return built
 
-    log(f"      objective {objective}: timing int8 and fp32 {suffix} files, {len(layers)} layers one at a time")
-    built = {"fp32": build("fp32", None), "int8": build("int8", ())}
-    for name in layers:
-        build(f"int8, {name} in fp32", (name,))
-    medians = _medians(files, x1, runs, warmup, open_runner)
-    per_layer = [{"layer": name, "int8_ms": medians["int8"], "with_it_fp32_ms": medians[f"int8, {name} in fp32"],
-                  "fp32": medians[f"int8, {name} in fp32"] < (1 - MARGIN) * medians["int8"]} for name in layers]
-    slower = tuple(d["layer"] for d in per_layer if d["fp32"])
-    for d in per_layer:
-        log(f"      {d['layer']}: int8 file {1e3 * d['int8_ms']:.1f} µs, with it in fp32 {1e3 * d['with_it_fp32_ms']:.1f} µs"
-            f" -> {'fp32' if d['fp32'] else 'int8'}")
-    if slower and len(slower) < len(layers):
-        built["mixed"] = build("mixed", slower)
-        medians.update(_medians({"mixed": files["mixed"]}, x1, runs, warmup, open_runner, also={k: files[k] for k in ("fp32", "int8")}))
-    sizes = {label: files[label].stat().st_size for label in built}
+        log(f"      objective {objective}: timing int8 and fp32 {suffix} files, {len(layers)} layers one at a time")
+        built = {"fp32": build("fp32", None), "int8": build("int8", ())}
+        for name in layers:
+            build(f"int8, {name} in fp32", (name,))
+        medians = _medians(files, x1, runs, warmup)
+        per_layer = [{"layer": name, "int8_ms": medians["int8"], "with_it_fp32_ms": medians[f"int8, {name} in fp32"],
+                      "fp32": medians[f"int8, {name} in fp32"] < (1 - MARGIN) * medians["int8"]} for name in layers]
+        slower = tuple(d["layer"] for d in per_layer if d["fp32"])
+        for d in per_layer:
+            log(f"      {d['layer']}: int8 file {1e3 * d['int8_ms']:.1f} µs, with it in fp32 {1e3 * d['with_it_fp32_ms']:.1f} µs"
+                f" -> {'fp32' if d['fp32'] else 'int8'}")
+        if slower and len(slower) < len(layers):
+            built["mixed"] = build("mixed", slower)
+            medians = _medians({k: files[k] for k in built}, x1, runs, warmup)   # the mix beside fp32 and int8, in one run
+        sizes = {label: files[label].stat().st_size for label in built}
     fastest = min(built, key=lambda k: medians[k])
     if objective == "latency":
         chosen = fastest
@@ -111,16 +110,10 @@ def choose_by_latency(
     }
     log(f"      objective {objective}: chose the {chosen} model — " + ", ".join(
         f"{k} {1e3 * medians[k]:.1f} µs / {sizes[k]:,} B" for k in built))
-    for path in work.iterdir():
-        path.unlink()
-    work.rmdir()
     return built[chosen], record
 
 
-def _medians(files: dict[str, Path], x1, runs: int, warmup: int, open_runner, also: dict[str, Path] | None = None) -> dict:
-    """Median ms per file, all timed interleaved in one run (``also``: timed beside them again, so
-    a file added later is compared within one run; their new medians replace the old)."""
-    everything = {**(also or {}), **files}
-    calls = [open_runner(path).call_for(x1) for path in everything.values()]
-    times = time_calls(calls, runs=runs, warmup=warmup)
-    return {label: statistics.median(t) for label, t in zip(everything, times)}
+def _medians(files: dict[str, Path], x1, runs: int, warmup: int) -> dict[str, float]:
+    """Median ms per file, all timed interleaved in one run."""
+    times = time_calls([open_runner(path).call_for(x1) for path in files.values()], runs=runs, warmup=warmup)
+    return {label: statistics.median(t) for label, t in zip(files, times)}

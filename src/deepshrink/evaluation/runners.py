@@ -163,13 +163,9 @@ class PteRunner(Runner):
         if self.max_batch is not None and S.batch_size(x) > self.max_batch:
             return super().call_for(x)   # fed in chunks of the planned batch: timed as it runs
         self.predict_all(x)
-        tensors, method = [t.contiguous() for t in S.flatten(x)], self.method
-        program = self.program
-
-        def call():
-            return method.execute(tensors)
-        call.keep = (self.data, program)   # the program and the bytes it reads must outlive the method
-        return call
+        tensors = [t.contiguous() for t in S.flatten(x)]
+        # through self: the program and the bytes it reads must outlive the method (a freed program crashes execute)
+        return lambda: self.method.execute(tensors)
 
 
 class OnnxRunner(Runner):
