@@ -178,8 +178,11 @@ def _parity_checks(model: nn.Module, path: Path, batches: list, layout: str | No
 def _runtime_weights(model: nn.Module, path: Path) -> dict | None:
     """Per ``Int8DynamicLowBit`` layer, what the file stores and runs: bits, group size, kernel."""
     specs = parity_check.runtime_lowbit(model)
-    if path.suffix == ".onnx":   # no low-bit kernel there: the graph dequantizes the int8 codes and rounds in float ops
-        specs = {name: {**spec, "kernel": "onnx: int8 codes, dequantized in the graph"} for name, spec in specs.items()}
+    if path.suffix == ".onnx" and specs:   # ORT's MatMulNBits where the layer fits (deploy.onnx_lowbit), else float ops
+        from deepshrink.deploy.onnx_lowbit import onnx_kernels
+
+        ran = onnx_kernels(path)
+        specs = {name: {**spec, "kernel": ran.get(name, "onnx: int8 codes, dequantized in the graph")} for name, spec in specs.items()}
     return specs or None
 
 
