@@ -7,7 +7,7 @@ from torch import nn
 
 from deepshrink.core.cpu import cpu_info
 from deepshrink.deploy import export
-from deepshrink.deploy.parity import TOLERANCES, ParityError, measure
+from deepshrink.deploy.parity import TOLERANCES, ParityError, measure, measure_outputs
 from deepshrink.formats.sidecar import read_sidecar
 
 
@@ -51,6 +51,20 @@ def test_quantized_parity_gates_top1_agreement():
     assert bad.p99_steps <= 3 and bad.mean_steps <= 1 and bad.argmax_agreement == 0.0
     assert bad.failures == ("argmax agreement 0.0% < 97%",)
     assert measure(ref, flipped, runtime="r", step=0.1, quantized=True, gate_argmax=False).passed
+
+
+def test_top1_agreement_gates_a_classifier_but_not_hidden_states():
+    """The argmax of a hidden-state vector flips on near-ties and means nothing: a transformer's
+    [batch, seq, features] output is held to its range, a classifier's rows also to top-1 agreement."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.rand(4, 10, 64, generator=g)
+    produced = hidden + 0.004 * torch.randn(hidden.shape, generator=g)
+    as_states = measure_outputs([(hidden,)], [(produced,)], runtime="r", steps=[None], quantized=True)
+    as_scores = measure_outputs([(hidden.reshape(40, 64),)], [(produced.reshape(40, 64),)], runtime="r", steps=[None],
+                                quantized=True)
+    assert as_states.argmax_agreement == as_scores.argmax_agreement < TOLERANCES["quantized-float-output"]["argmax_agreement"]
+    assert as_states.passed and as_states.p99_range_fraction < 0.02            # within range: no top-1 gate
+    assert not as_scores.passed and any(f.startswith("argmax agreement") for f in as_scores.failures)
 
 
 @pytest.mark.parametrize("suffix", [".pte", ".onnx"])

@@ -62,6 +62,10 @@ def test_metrics_json_schema_and_report(run):
     assert [next(iter(s["stage"])) for s in doc["stages"]][:6] == ["train", "prune", "finetune", "quantize", "export", "evaluate"]
     html = run.report_path.read_text()
     assert "data:image/png;base64," in html and "compressed .pte" in html and cpu_info().model in html and ", ".join(cpu_info().features) in html
+    # the shipped row: objective size (the recipe's default), the smaller of the two compressed files
+    files = {label: v["file_bytes"] for label, v in doc["variants"].items() if v["role"] == "compressed" and v["file_bytes"]}
+    assert doc["shipped"]["variant"] == min(files, key=files.get) and doc["shipped"]["objective"] == "size"
+    assert f"<h2>Shipped: {doc['shipped']['variant']}</h2>" in html
 
 
 def test_resume_skips_finished_stages(run, digits):

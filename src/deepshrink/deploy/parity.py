@@ -34,6 +34,7 @@ import torch
 
 from deepshrink.core.cpu import cpu_info
 from deepshrink.core.errors import ExportError
+from deepshrink.core.outputs import output_kind
 
 TOLERANCES = {
     "float": {"max_abs_rel": 1e-3},
@@ -182,10 +183,13 @@ def measure_outputs(references: list[tuple], produced: list[tuple], *, runtime: 
                     quantized: bool) -> Parity:
     """One ``Parity`` over every output of every batch: the worst output's figures, every output's failures."""
     n_out = len(references[0])
-    # top-1 agreement is a tolerance for a classifier's single output; of several outputs (boxes,
-    # landmarks, scores) it is reported, and each output is held to its own quantization steps
+    # top-1 agreement is a tolerance for a classifier's single output (rows of scores); of several
+    # outputs (boxes, landmarks, scores), or of hidden states ([batch, seq, features]: the argmax of
+    # a feature vector means nothing and flips on near-ties) it is reported, and each output is held
+    # to its own quantization steps or range
+    classifier = n_out == 1 and output_kind(references[0][0]) == "classification"
     per_output = [measure([r[i] for r in references], [p[i] for p in produced], runtime=runtime,
-                          step=steps[i] if i < len(steps) else None, quantized=quantized, gate_argmax=n_out == 1)
+                          step=steps[i] if i < len(steps) else None, quantized=quantized, gate_argmax=classifier)
                   for i in range(n_out)]
     if len(per_output) == 1:
         return per_output[0]

@@ -6,8 +6,9 @@ Top-level keys: ``schema``, ``created``, ``recipe`` (the validated recipe), ``en
 ``fp32``/``compressed``, format ``eager``/``pte``/``onnx``, runtime, accuracy, test_samples, params,
 nonzero_params, macs, counts_source, file_bytes, gzip_bytes and zstd_bytes (the download: after gzip -9 /
 zstd -19), latency_ms_median, latency_ms_p90, latency_runs, threads, parity_max_abs_diff, parity (each check: runtime, figures, failures, passed),
-parity_passed), ``checks`` (derived comparisons) and ``notes`` (failed parity first, then the int8
-caveat derived from the CPU features found). ``environment`` has ``cpu``, ``cpu_arch``,
+parity_passed), ``shipped`` (the runtime file to ship: ``variant``, ``objective``, ``why``; null when
+no runtime file passed parity), ``checks`` (derived comparisons) and ``notes`` (failed parity first, then
+the int8 caveat derived from the CPU features found). ``environment`` has ``cpu``, ``cpu_arch``,
 ``cpu_features`` (read from the machine, ``core.cpu``).
 """
 from __future__ import annotations
@@ -61,9 +62,40 @@ def build_metrics(state, ctx, evaluate_config) -> dict:
         "data": {"name": ctx.data.name, "splits": ctx.data.sizes()},
         "stages": state.log,
         "variants": variants,
+        "shipped": choose_shipped(variants, ctx.recipe.objective),
         "checks": derive_checks(variants),
         "notes": parity_notes(variants) + [cpu_info().int8_caveat()],
     }
+
+
+BALANCED_SLACK = 0.05   # as deploy.objective: "balanced" ships the smallest file within 5 % of the fastest
+
+
+def choose_shipped(variants: dict[str, dict], objective: str = "size") -> dict | None:
+    """The one file a phone app would ship, among the compressed runtime files whose export parity
+    passed, by the recipe's ``objective``: ``size`` the smallest (ties: the faster), ``latency`` the
+    fastest median, ``balanced`` the smallest within 5 % of the fastest. ``None`` when there is none."""
+    candidates = {label: v for label, v in variants.items()
+                  if v.get("role") == "compressed" and v.get("format") in ("pte", "onnx") and v.get("file_bytes")
+                  and v.get("parity_passed") is not False}
+    if not candidates:
+        return None
+    timed = {label: v["latency_ms_median"] for label, v in candidates.items() if v.get("latency_ms_median")}
+    size = lambda label: (candidates[label]["file_bytes"], timed.get(label, math.inf))   # noqa: E731
+    if objective == "latency" and timed:
+        label = min(timed, key=lambda k: (timed[k], candidates[k]["file_bytes"]))
+        why = f"the fastest runtime file ({1000 * timed[label]:.1f} µs median, batch 1)"
+    elif objective == "balanced" and timed:
+        fastest = min(timed.values())
+        label = min((k for k in timed if timed[k] <= (1 + BALANCED_SLACK) * fastest), key=size)
+        why = (f"the smallest runtime file ({candidates[label]['file_bytes']:,} B) within {BALANCED_SLACK:.0%} of the fastest "
+               f"({1000 * timed[label]:.1f} µs against {1000 * fastest:.1f} µs)")
+    else:
+        label = min(candidates, key=size)
+        why = f"the smallest runtime file ({candidates[label]['file_bytes']:,} B)"
+    others = len(candidates) - 1
+    return {"variant": label, "objective": objective,
+            "why": why + " whose export parity passed" + (f", of {others + 1} candidates" if others else "")}
 
 
 def derive_checks(variants: dict[str, dict]) -> dict:

@@ -348,7 +348,10 @@ def _evaluate(state: RunState, config: EvaluateStage, ctx) -> dict:
     document["environment"]["world_size"] = world().size
     write_metrics(ctx.out_dir / "metrics.json", document)
     lines = [f"{label}: {_headline(m)}" for label, m in measured.items()]
-    return {"variants": list(state.variants), "checks": document["checks"], "line": "; ".join(lines)}
+    if document["shipped"]:
+        lines.append(f"shipped: {document['shipped']['variant']} ({document['shipped']['why']})")
+    return {"variants": list(state.variants), "checks": document["checks"], "shipped": document["shipped"],
+            "line": "; ".join(lines)}
 
 
 def _user_metric(spec: str | None):

@@ -56,6 +56,16 @@ def _variants_table(variants: dict[str, dict]) -> str:
                    "MACs", "latency median ms", "p90 ms", "export parity (file vs module)"], rows)
 
 
+def _shipped_section(shipped: dict | None, variants: dict[str, dict]) -> list[str]:
+    """The file to ship, measured in its runtime, first: what the run is for."""
+    if not shipped or shipped.get("variant") not in variants:
+        return ["<h2>Shipped</h2><p class='note'>No runtime file to ship: none was exported, or none passed its parity check.</p>"]
+    label = shipped["variant"]
+    return [f"<h2>Shipped: {html.escape(label)}</h2>",
+            f"<p>Objective <code>{html.escape(shipped['objective'])}</code>: {html.escape(shipped['why'])}.</p>",
+            _variants_table({label: variants[label]})]
+
+
 def _fidelity_cell(f: dict | None) -> str:
     if not f:
         return "—"
@@ -129,6 +139,7 @@ def render_report(document: dict, *, title: str) -> str:
         f"<p>Created {html.escape(document.get('created', ''))}. Data: <code>{html.escape(document.get('data', {}).get('name', ''))}</code> "
         f"splits {html.escape(json.dumps(document.get('data', {}).get('splits', {})))}; accuracy is on the full test split, "
         "measured through each file in its own runtime.</p>",
+        *_shipped_section(document.get("shipped"), variants),
         "<h2>Variants</h2>", _variants_table(variants),
         "".join(f'<p class="{"alarm" if n.startswith("PARITY FAILED") else "note"}">{html.escape(n)}</p>'
                 for n in document.get("notes", [])),
