@@ -1,8 +1,11 @@
 """Low-bit weight quantization on MNIST: QAT and mixed precision on LeNet-5, codebooks on LeNet-300-100.
 
-    .venv/bin/python bench/quant_lowbit.py
+    .venv/bin/python bench/quant_lowbit.py [--part all|lenet-5|lenet-300-100|grid] [--data-dir DIR]
 
-Writes bench/results/quant_lowbit.md and bench/artifacts/lenet-5-w4-qat.dsk. Dense models are
+Writes bench/results/quant_lowbit.md and bench/artifacts/lenet-5-w4-qat.dsk (only when every part
+runs; one part prints its table instead). Part ``grid``: float vs int8-grid k-means codebooks on
+LeNet-300-100, each also made an int8 ``.pte`` (Int8DynamicLowBit 8-bit per channel) from the model
+loaded back from its ``.dsk``, with that file's own test accuracy. Dense models are
 trained once and cached in bench/.cache/quant_lowbit/ (delete it to retrain). Every accuracy is on the full
 10,000-image MNIST test split, measured on the model loaded back from its .dsk file (weights
 decoded, eager PyTorch, 1 thread); each load is also checked to give bit-identical logits to the
@@ -11,6 +14,7 @@ in-memory model. One run, fixed seeds.
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import json
 import tempfile
@@ -25,8 +29,10 @@ from deepshrink.data import load as load_data
 from deepshrink.models.loading import load_checkpoint, save_checkpoint
 from deepshrink.models.zoo import create
 from deepshrink.api import quantize   # deepshrink.training.fit trains the schemes that train
-from deepshrink.quantization.lowbit import (Codebook, WeightOnly, WeightQAT, bit_sensitivity, load_compressed,
-                                            measure_front, save_compressed)
+from deepshrink.deploy import export
+from deepshrink.evaluation.runners import open_runner
+from deepshrink.quantization.lowbit import (Codebook, Int8DynamicLowBit, WeightOnly, WeightQAT, bit_sensitivity,
+                                            load_compressed, measure_front, quantized_weights, save_compressed)
 from deepshrink.training import TrainConfig, accuracy, fit
 
 CACHE = REPO / "bench" / ".cache" / "quant_lowbit"  # own subfolder: other benches cache models here too
@@ -40,19 +46,34 @@ QAT_EPOCHS = 2
 # the chooser's objective: "kl" (the default, decided before this run) and "loss" beside it
 OBJECTIVES = ("kl", "loss")
 FINETUNE_EPOCHS = 2
+GRID_BITS = (4, 5)
+PARTS = ("all", "lenet-5", "lenet-300-100", "grid")
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="run one part and print its table (the results file is written only by 'all')")
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA / "mnist", help="MNIST folder")
+    args = parser.parse_args()
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
-    data = load_data("mnist", data_dir=SHARED_DATA / "mnist")
+    data = load_data("mnist", data_dir=args.data_dir)
     scratch = Path(tempfile.mkdtemp(prefix="quant_lowbit-"))
     timings: dict[str, float | None] = {}
+    if args.part == "grid":
+        print(grid_section(bench_grid(data, scratch, timings)))
+        print(timings)
+        return
+    if args.part != "all":
+        result = bench_lenet5(data, scratch, timings) if args.part == "lenet-5" else bench_lenet300(data, scratch, timings)
+        print(json.dumps({"rows": result["rows"], "timings": timings}, indent=1, default=str))
+        return
     lenet5 = bench_lenet5(data, scratch, timings)
     mlp = bench_lenet300(data, scratch, timings)
+    grid = bench_grid(data, scratch, timings)
     timings["total"] = time.perf_counter() - start
-    RESULT.write_text(report(lenet5, mlp, timings, n_test=len(data.test)))
+    RESULT.write_text(report(lenet5, mlp, grid, timings, n_test=len(data.test)))
     print(RESULT.read_text())
 
 
@@ -160,10 +181,73 @@ def bench_lenet300(data, scratch: Path, timings: dict) -> dict:
     return {"params": params, "rows": rows, "dense": rows[0]}
 
 
+# ---------------------------------------------------------------- (c) int8-grid codebooks, LeNet-300-100
+
+
+def bench_grid(data, scratch: Path, timings: dict) -> dict:
+    """Float vs int8-grid k-means codebooks: the .dsk, and the int8 .pte made from the model loaded
+    back from it (Int8DynamicLowBit 8-bit per channel), each measured on the full test split."""
+    dense = dense_model("lenet-300-100", data, timings)
+    params = n_params(dense)
+    example = torch.stack([data.test[i][0] for i in range(64)])
+    t = time.perf_counter()
+    rows = []
+    for bits in GRID_BITS:
+        for finetune, train in (("—", None), (f"centroids {FINETUNE_EPOCHS} ep",
+                                               TrainConfig(epochs=FINETUNE_EPOCHS, lr=1e-4))):
+            for grid in ("float", "int8"):
+                model = quantize(copy_of(dense), Codebook(method="kmeans", bits=bits, grid=grid, train=train), data=data)
+                path = scratch / f"grid-{grid}-{bits}-{'ft' if train else 'ptq'}.dsk"
+                row = {"grid": grid, "bits": bits, "finetune": finetune, **shipped(model, path, data, params)}
+                loaded = load_compressed(path)
+                weights = {n: p.detach().clone() for n, p in loaded.named_parameters() if n in quantized_weights(loaded)}
+                runtime = quantize(copy.deepcopy(loaded), Int8DynamicLowBit(bits=8, group_size=None), data=None)
+                row["max_weight_diff"] = max(
+                    float((runtime.get_submodule(n.rsplit(".", 1)[0]).dequantized_weight() - w).abs().max())
+                    for n, w in weights.items())
+                result = export(runtime, path.with_suffix(".pte"), example_input=example)
+                row["pte_bytes"], row["pte_parity"] = result.file_bytes, result.parity_passed
+                row["pte_accuracy"] = runtime_accuracy(result.path, data)
+                rows.append(row)
+    timings[f"lenet-300-100 int8-grid codebook rows ({len(rows)}, .dsk + .pte)"] = time.perf_counter() - t
+    return {"params": params, "rows": rows}
+
+
+def runtime_accuracy(path: Path, data) -> float:
+    runner = open_runner(path, threads=THREADS)
+    correct = total = 0
+    for x, y in data.loader("test", batch_size=1000):
+        correct += int((runner.predict(x).argmax(1) == y).sum())
+        total += int(y.numel())
+    return correct / total
+
+
+def grid_section(grid: dict) -> str:
+    def row(r):
+        same = "yes (0)" if r["max_weight_diff"] == 0 else f"no ({r['max_weight_diff']:.2g})"
+        return (f"| {r['grid']} | {r['bits']} | {r['finetune']} | {100 * r['accuracy']:.2f} | {r['dsk_bytes']:,} | "
+                f"{100 * r['pte_accuracy']:.2f} | {r['pte_bytes']:,} | {same} | {'PASS' if r['pte_parity'] else 'FAIL'} |")
+
+    return f"""## (c) LeNet-300-100 ({grid['params']:,} parameters): float vs int8-grid k-means codebooks
+
+`Codebook(method="kmeans", bits, grid)`, all three layers, fine-tuning as in (b). `grid="int8"` snaps
+each layer's levels onto each output channel's symmetric int8 grid (scale = max|w_c| / 127 of the
+weight before quantizing); the `.dsk` stores the float levels and indices as for `grid="float"`, plus
+one float32 scale per channel. The `.pte` is `Int8DynamicLowBit(bits=8, group_size=None)` (XNNPACK
+qd8-f32-qc8w: int8 weights per channel, int8 activations per row at run time) of the model *loaded
+back from the .dsk*; "same weights" compares that module's dequantized int8 weights with the .dsk's
+(max |Δ| in brackets). Accuracies on the full test split: `.dsk` in eager PyTorch, `.pte` in ExecuTorch.
+
+| grid | bits | fine-tuning | .dsk test acc % | .dsk bytes | .pte test acc % | .pte bytes | .pte weights = .dsk weights | .pte parity |
+|---|---:|---|---:|---:|---:|---:|---|---|
+{chr(10).join(row(r) for r in grid['rows'])}
+"""
+
+
 # ---------------------------------------------------------------- report
 
 
-def report(l5: dict, mlp: dict, timings: dict, *, n_test: int) -> str:
+def report(l5: dict, mlp: dict, grid: dict, timings: dict, *, n_test: int) -> str:
     dense_acc = l5["dense"]["accuracy"]
     lsq = l5["qat"]["lsq"]
     qat_drop = 100 * (dense_acc - lsq["accuracy"])
@@ -299,6 +383,7 @@ equally by construction (about the full width). Symmetric min/max at 2 bits has 
 becomes 0, hence the tiny files and collapsed accuracy of those rows; per-channel scales, k-means,
 or training (QAT, centroid fine-tuning) are what make 2 bits usable.
 
+{grid_section(grid)}
 ## Wall time of this run (s, 1 thread, shared 2-core machine)
 
 | step | s |

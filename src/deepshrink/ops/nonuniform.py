@@ -13,14 +13,25 @@ pull one or more levels onto 0 -- and are not encoded: their indices are 0 and m
 because the sparse storage format keeps the positions separately (Deep Compression stores
 CSR positions and codebook indices for the survivors only). ``decode(..., mask=mask)`` puts the
 zeros back. Passing a 1-D tensor of the surviving values with ``mask=None`` is equivalent.
+
+Int8 grid. ``grid_scales``, ``snap_to_grid`` and ``decode_on_grid`` put one layer-wide codebook
+on the symmetric int8 grid of each output channel ``c`` (axis 0): ``scale_c = max|w_c| / 127``
+(``ops.quant_math.choose_qparams``, the per-channel formula of the int8 runtime weights), and
+level ``j`` of channel ``c`` becomes ``codes[c, j] * scale_c`` with
+``codes[c, j] = clamp(round(codebook[j] / scale_c), -127, 127)``. Indices stay layer-wide; each
+channel has its own (at most ``2^bits``) integer levels, a function of the codebook and its scale.
+Decoding multiplies an int8 code (as float32) by its float32 scale, one rounding, as
+``dequantize_affine`` does, so a runtime given ``(codes[c, index], scale_c)`` holds the same floats.
 """
 from __future__ import annotations
 
 import torch
 
 from deepshrink.core.errors import ConfigError
+from deepshrink.ops.quant_math import choose_qparams
 
 KMEANS_INITS = ("linear", "density")
+GRID_QMAX = 127   # symmetric int8: codes -127..127, scale = max|w| / 127
 
 
 def equal_population_codebook(
@@ -192,6 +203,58 @@ def centroid_gradients(
     return torch.zeros(n_levels, dtype=torch.float64).index_add_(0, idx, grads).to(grad_w.dtype)
 
 
+def grid_scales(w: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``[w.shape[0]]``: ``max|w_c| / 127`` over the kept weights of each output channel
+    (an all-zero or all-pruned channel gets ``choose_qparams``' smallest scale, eps)."""
+    if not w.is_floating_point():
+        raise ConfigError(f"w: dtype {w.dtype} is not floating point; pass the float weight tensor")
+    if w.dim() < 1 or w.numel() == 0:
+        raise ConfigError(f"w: shape {list(w.shape)} has no output channels to scale")
+    kept = w.detach()
+    if mask is not None:
+        _check_mask(mask, w)
+        kept = torch.where(mask, kept, torch.zeros((), dtype=kept.dtype))
+    return choose_qparams(kept, bits=8, symmetric=True, granularity="per_channel", axis=0)[0]
+
+
+def snap_to_grid(codebook: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 ``[channels, levels]``: ``clamp(round(codebook[j] / scale[c]), -127, 127)`` (half to even)."""
+    if codebook.dim() != 1 or codebook.numel() == 0 or not codebook.is_floating_point():
+        raise ConfigError(f"codebook: {codebook.dtype} of shape {list(codebook.shape)} must be a 1-D, non-empty float tensor")
+    if scale.dim() != 1 or scale.numel() == 0 or scale.dtype != torch.float32 or not bool((scale > 0).all()):
+        raise ConfigError(f"scale: {scale.dtype} of shape {list(scale.shape)} must be 1-D positive float32, "
+                          "one per output channel (see grid_scales)")
+    ratio = codebook.detach().float()[None, :] / scale[:, None]
+    return torch.clamp(torch.round(ratio), -GRID_QMAX, GRID_QMAX).to(torch.int8)
+
+
+def grid_codes(codes: torch.Tensor, indices: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 codes of the weight's shape: ``codes[c, indices[c, ...]]``, 0 where ``mask`` is False."""
+    if codes.dim() != 2 or indices.dim() < 1 or indices.shape[0] != codes.shape[0]:
+        raise ConfigError(f"codes: shape {list(codes.shape)} must be [channels, levels] with channels = "
+                          f"indices.shape[0] (indices shape {list(indices.shape)})")
+    idx = indices.long().reshape(indices.shape[0], -1)
+    if idx.numel() and (idx.min().item() < 0 or idx.max().item() >= codes.shape[1]):
+        raise ConfigError(f"indices: range {idx.min().item()}..{idx.max().item()} does not fit {codes.shape[1]} levels; "
+                          "pass the codes snapped from the codebook the indices were fitted with")
+    q = codes.gather(1, idx).reshape(indices.shape)
+    if mask is not None:
+        _check_mask(mask, indices)
+        q = torch.where(mask, q, torch.zeros((), dtype=q.dtype))
+    return q
+
+
+def decode_on_grid(codebook: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor, *,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 weight ``codes[c, indices] * scale[c]`` (``codes = snap_to_grid(codebook, scale)``);
+    with ``mask``, pruned positions are exactly 0."""
+    if indices.dim() < 1 or indices.shape[0] != scale.numel():
+        raise ConfigError(f"scale: {scale.numel()} entries for indices of shape {list(indices.shape)}; "
+                          "pass one scale per output channel (axis 0)")
+    q = grid_codes(snap_to_grid(codebook, scale), indices, mask=mask)
+    return q.float() * scale.reshape(-1, *([1] * (indices.dim() - 1)))
+
+
 # ---------------------------------------------------------------- private helpers
 
 
@@ -269,4 +332,9 @@ __all__ = [
     "power_of_two_codebook",
     "decode",
     "centroid_gradients",
+    "GRID_QMAX",
+    "grid_scales",
+    "snap_to_grid",
+    "grid_codes",
+    "decode_on_grid",
 ]

@@ -102,6 +102,20 @@ class Codebook:
     members (and the float parameters: biases, unquantized layers), run by ``quantize``'s
     ``train_fn`` (``core.loops``); not allowed for ``power_of_two``, whose levels would leave the
     powers of two.
+
+    ``grid``: ``"float"`` keeps the levels as fitted. ``"int8"`` snaps them, per output channel
+    ``c``, onto that channel's symmetric int8 grid: ``scale_c = max|w_c| / 127`` of the weights
+    before quantizing (the per-channel scale of ``Int8DynamicLowBit(bits=8)``), level ``j`` becomes
+    ``clamp(round(codebook[j] / scale_c), -127, 127) * scale_c``. The indices stay shared by the
+    layer, so each channel has at most ``2^bits`` values, all integer multiples of its scale. The
+    ``.dsk`` stores the float levels (the same record as ``"float"``) plus one float32 scale per
+    channel; the integer codes follow from them. ``Int8DynamicLowBit`` (8-bit layers) then takes
+    these codes and scales as they are, so the ``.pte`` and ``.onnx`` hold exactly the numbers of
+    the ``.dsk``. With ``train``, the optimizer moves the float levels while the layer computes
+    with their snapped values (straight-through: a level's gradient is its members' summed
+    gradients, but none from channels where it is clipped at +-127), so the weights stay on the
+    grid at every step; the scales do not train. Not allowed for ``power_of_two``, whose levels
+    would leave the powers of two.
     """
 
     method: Literal["kmeans", "equal_population", "power_of_two"] = "kmeans"
@@ -110,6 +124,7 @@ class Codebook:
     kmeans_init: Literal["linear", "density"] = "linear"
     kmeans_iters: int = 100
     train: TrainConfig | None = None
+    grid: Literal["float", "int8"] = "float"
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {"finetune_epochs": "train.epochs", "finetune_lr": "train.lr",
                                             "batch_size": "train.batch_size", "seed": "train.seed"}
@@ -126,6 +141,10 @@ class Codebook:
         check(not (self.method == "power_of_two" and self.finetunes), "train",
               "fine-tuning with method power_of_two would move its levels off the powers of two; "
               "use method kmeans to fine-tune, or leave train out")
+        check(self.grid in ("float", "int8"), "grid", f"{self.grid!r} is not allowed; choose 'float' or 'int8'")
+        check(not (self.method == "power_of_two" and self.grid == "int8"), "grid",
+              "int8 would move power_of_two's levels off the powers of two; use method kmeans with grid int8, "
+              "or grid float")
 
 
 def _check_runtime_width(bits: object, key: str) -> None:

@@ -15,6 +15,12 @@ Codes are kept padded: a 4-bit layer whose input size is not a multiple of its g
 columns appended, and the input the same number of zeros (exact: a zero adds nothing to a product
 and leaves the row's range, which contains 0, as it was). So any Linear can be 4-bit, at the cost
 of the padded columns' bytes (784 -> 800 inputs for groups of 32).
+
+A Linear whose weight is an int8-grid codebook (``Codebook(grid="int8")``) and that is made 8-bit
+keeps the codes and scales the codebook recorded, so ``q * scale`` is bit for bit the eager weight
+(and the ``.dsk``'s). Min/max scales recomputed from the snapped weight would not do: a channel
+whose largest level snaps below 127 has a smaller max, and even at 127, ``fl(fl(127 * s) / 127)``
+need not be ``s``. The replaced layers' low-bit records are dropped from the model.
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ from torch import nn
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.selection import first_match, select
 from deepshrink.ops.quant_math import choose_qparams, qrange, quantize_affine
+from deepshrink.quantization.lowbit.codebook import GridCodebookWeight
 from deepshrink.quantization.lowbit.configs import RUNTIME_GROUP_MULTIPLE, Int8DynamicLowBit
+from deepshrink.quantization.lowbit.weights import forget_quantized, quantized_weights
 
 ACTIVATIONS = "int8 asymmetric per row, quantized at run time"
 
@@ -165,13 +173,16 @@ def to_dynamic_lowbit_(model: nn.Module, config: Int8DynamicLowBit) -> nn.Module
     """
     widths = linear_widths(model, config)
     modules = dict(model.named_modules())
+    recorded = quantized_weights(model)
     replacements: dict[int, nn.Module] = {}   # by identity: a Linear shared under two names stays shared
     for name, bits in widths.items():
         linear = modules[name]
         if id(linear) not in replacements:
-            weight = fit_runtime_weight(linear.weight, bits=bits, group_size=config.group_size, layer=name)
+            weight = (_recorded_int8(recorded.get(_weight_name(name)), linear.weight) if bits == 8 else None) or \
+                fit_runtime_weight(linear.weight, bits=bits, group_size=config.group_size, layer=name)
             replacements[id(linear)] = DynamicQuantLinear(weight, linear.bias, in_features=linear.in_features).to(
                 linear.weight.device)
+    forget_quantized(model, [_weight_name(name) for name in widths])
     if "" in widths:
         return replacements[id(model)].train(model.training)
     for name in widths:
@@ -179,6 +190,20 @@ def to_dynamic_lowbit_(model: nn.Module, config: Int8DynamicLowBit) -> nn.Module
         parent = modules[parent_name]
         setattr(parent, child, replacements[id(modules[name])].train(parent.training))
     return model
+
+
+def _weight_name(layer: str) -> str:
+    return f"{layer}.weight" if layer else "weight"
+
+
+def _recorded_int8(qw: object, weight: torch.Tensor) -> RuntimeWeight | None:
+    """The codes and scales of an int8-grid codebook that still is ``weight`` (None otherwise:
+    no such record, or the weight was trained since and the codes no longer describe it)."""
+    if not isinstance(qw, GridCodebookWeight) or weight.dim() != 2:
+        return None
+    if not torch.equal(qw.dequantize(), weight.detach().float()):
+        return None
+    return RuntimeWeight(8, int(weight.shape[1]), qw.int8_weight(), qw.scale.float().reshape(-1, 1))
 
 
 def runtime_weights(model: nn.Module) -> dict[str, dict]:

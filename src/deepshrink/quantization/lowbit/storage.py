@@ -10,11 +10,18 @@ Records (``formats.records``), for a weight ``W`` (a state-dict name such as ``f
   plus entropy-coded indices; ``W#scale`` (float32, the qparams' shape); and for asymmetric
   grids ``W#zero_point`` (uint8), from which a runtime gets back ``q``. The weight is
   ``codes * scale``, bit for bit the float ``dequantize_affine`` gave before saving.
+- int8-grid codebook scheme (``Codebook(grid="int8")``): ``W#levels``, the float levels before
+  snapping, stored exactly as a codebook record ``W`` is, and ``W#scale`` (float32, one per output
+  channel); the weight is ``clamp(round(level / scale), -127, 127) * scale`` per channel
+  (``ops.nonuniform.decode_on_grid``), bit for bit what was saved. The record names differ from
+  ``W`` so that a reader that knows only float codebooks refuses the file instead of loading
+  unsnapped levels.
 - every other tensor (biases, float layers, buffers): the cheapest of dense/sparse.
 
 Metadata: ``{"format": "deepshrink.lowbit", "version": 1, "arch": models.zoo.get_arch(model),
 "weights": {W: spec}}`` with ``spec`` ``{"scheme": "affine", "bits", "symmetric",
-"granularity", "group_size"}`` or ``{"scheme": "codebook", "method", "bits"}``. Loading runs
+"granularity", "group_size"}`` or ``{"scheme": "codebook", "method", "bits"}`` (plus ``"grid": "int8"``
+for an int8-grid codebook). Loading runs
 no code from the file, except that an ``arch`` naming a user's ``file.py`` imports it, as
 ``models.loading.load_checkpoint`` does.
 """
@@ -32,6 +39,7 @@ from deepshrink.formats.container import read_container, record_for, write_conta
 from deepshrink.models.loading import build_from_arch, check_fits_weights
 from deepshrink.models.zoo import get_arch
 from deepshrink.ops.quant_math import dequantize_affine, integer_dtype, qrange
+from deepshrink.quantization.lowbit.codebook import GridCodebookWeight
 from deepshrink.quantization.lowbit.weights import (AffineWeight, CodebookWeight, quantized_weights, set_quantized)
 
 FORMAT, VERSION = "deepshrink.lowbit", 1
@@ -106,7 +114,12 @@ def load_compressed(path: str | os.PathLike, *, code: str | None = None) -> nn.M
     return model.eval()
 
 
-def _records(name: str, qw: AffineWeight | CodebookWeight) -> list:
+def _records(name: str, qw: AffineWeight | CodebookWeight | GridCodebookWeight) -> list:
+    if isinstance(qw, GridCodebookWeight):
+        values = qw.level_values()
+        levels, indices = _canonical_codebook(values)
+        return [record_for(f"{name}{_SEP}levels", values, codebook=levels, indices=indices),
+                record_for(f"{name}{_SEP}scale", qw.scale.float(), kind="dense")]
     if isinstance(qw, CodebookWeight):
         values = qw.dequantize()
         levels, indices = _canonical_codebook(values)
@@ -141,6 +154,8 @@ def _decode_weight(path, name: str, spec: Any, tensors: Mapping[str, torch.Tenso
     where = f"{path}: weight {name!r}"
     if not isinstance(spec, dict) or spec.get("scheme") not in ("affine", "codebook"):
         raise ArtifactError(f"{where}: spec {spec!r:.80} must be an object with scheme 'affine' or 'codebook'")
+    if spec["scheme"] == "codebook" and spec.get("grid") is not None:
+        return _decode_grid_codebook(where, name, spec, tensors)
     if spec["scheme"] == "codebook":
         if name not in tensors:
             raise ArtifactError(f"{where}: no record of that name")
@@ -168,6 +183,27 @@ def _decode_weight(path, name: str, spec: Any, tensors: Mapping[str, torch.Tenso
     if q.numel() and (q.min() < qmin or q.max() > qmax):
         raise ArtifactError(f"{where}: codes {int(q.min())}..{int(q.max())} fall outside {qmin}..{qmax}")
     return AffineWeight(bits, symmetric, granularity, group_size, q.to(integer_dtype(qmin, qmax)), scale, zero_point)
+
+
+def _decode_grid_codebook(where: str, name: str, spec: dict, tensors: Mapping[str, torch.Tensor]) -> GridCodebookWeight:
+    if spec["grid"] != GridCodebookWeight.grid:
+        raise ArtifactError(f"{where}: grid {spec['grid']!r:.40} is not known to this deepshrink (it reads "
+                            f"{GridCodebookWeight.grid!r}); upgrade deepshrink")
+    values, scale = tensors.get(f"{name}{_SEP}levels"), tensors.get(f"{name}{_SEP}scale")
+    if values is None or scale is None:
+        raise ArtifactError(f"{where}: an int8-grid codebook needs records {name}{_SEP}levels and {name}{_SEP}scale")
+    if not values.is_floating_point() or values.dim() < 1:
+        raise ArtifactError(f"{where}: levels must be a floating tensor of the weight's shape, got {values.dtype} "
+                            f"{list(values.shape)}")
+    if scale.dtype != torch.float32 or list(scale.shape) != [values.shape[0]] or not bool((scale > 0).all()):
+        raise ArtifactError(f"{where}: scale must be {values.shape[0]} positive float32 values (one per output "
+                            f"channel), got {scale.dtype} {list(scale.shape)}")
+    levels, indices = _canonical_codebook(values)
+    if levels.numel() > 256:
+        raise ArtifactError(f"{where}: {levels.numel()} distinct levels do not fit a codebook of at most 256 levels")
+    mask = values != 0
+    return GridCodebookWeight(str(spec.get("method")), int(spec.get("bits", 8)), levels, scale,
+                              indices.to(torch.uint8), None if bool(mask.all()) else mask)
 
 
 __all__ = ["save_compressed", "load_compressed", "FORMAT", "VERSION"]

@@ -146,6 +146,12 @@ def set_quantized(model: nn.Module, param_name: str, weight: nn.Parameter, qw: Q
     object.__setattr__(model, _ATTR, record)
 
 
+def forget_quantized(model: nn.Module, param_names: list[str]) -> None:
+    """Drop the codes of ``param_names`` from ``model``'s record (their layers were replaced)."""
+    record = {n: qw for n, qw in quantized_weights(model).items() if n not in set(param_names)}
+    object.__setattr__(model, _ATTR, record)
+
+
 def layout(granularity: str, group_size: int | None) -> dict:
     """The ``axis``/``group_size`` keywords of quantize_affine for a granularity (axis 0 = output channels)."""
     if granularity == "per_channel":
@@ -164,4 +170,4 @@ def masks_detached(model: nn.Module) -> Iterator[None]:
 
 
 __all__ = ["AffineWeight", "CodebookWeight", "QuantizedWeight", "fit_affine", "fit_codebook", "layer_widths",
-           "present_mask", "quantized_weights", "set_quantized", "masks_detached", "layout", "CODEBOOK_FITTERS"]
+           "present_mask", "quantized_weights", "set_quantized", "forget_quantized", "masks_detached", "layout", "CODEBOOK_FITTERS"]
