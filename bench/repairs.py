@@ -1,11 +1,12 @@
-"""PTQ repairs (cross-layer equalization, bias correction) on the zoo's mobile-cnn, in both runtimes.
+"""PTQ repairs (cross-layer equalization, AdaRound, bias correction) on the zoo's mobile-cnn, in both runtimes.
 
-    .venv/bin/python bench/repairs.py      # ~8-10 min on a shared 2-core machine; writes bench/results/repairs.md
+    .venv/bin/python bench/repairs.py      # ~12-15 min on a shared 2-core machine; writes bench/results/repairs.md
 
 The dense zoo ``mobile-cnn`` trained on Fashion-MNIST (3 epochs, 1 thread, seed 0; cached in
 bench/.cache/repairs), then ``Int8Static`` (histogram calibration, 256 calibration samples from the
 train split) with each repair setting on and off — none, ``cle``, bias correction, both,
-``cle_relu6_as_relu``, it plus bias correction — quantized once for XNNPACK (exported .pte) and
+``cle_relu6_as_relu``, it plus bias correction, AdaRound (``rounding="adaround"``), AdaRound plus
+bias correction — quantized once for XNNPACK (exported .pte) and
 once for ONNX Runtime (exported .onnx). Each repair is guarded inside ``quantize`` (kept only if
 int8 fidelity to the float model on the calibration samples does not drop); the table records what
 the guard did. Every file, and the fp32 .pte and .onnx of the dense model, is measured in its
@@ -43,6 +44,8 @@ SETTINGS = {
     "`cle` + bias correction": {"equalization": "cle", "bias_correction": True},
     "`cle_relu6_as_relu`": {"equalization": "cle_relu6_as_relu"},
     "`cle_relu6_as_relu` + bias correction": {"equalization": "cle_relu6_as_relu", "bias_correction": True},
+    "AdaRound": {"rounding": "adaround"},
+    "AdaRound + bias correction": {"rounding": "adaround", "bias_correction": True},
 }
 TARGETS = {"xnnpack": ".pte", "onnxruntime": ".onnx"}
 RUNTIME = {"xnnpack": "ExecuTorch (XNNPACK)", "onnxruntime": "ONNX Runtime"}
@@ -77,6 +80,11 @@ def guard_summary(record: dict) -> str:
             verdict = "kept by the guard" if eq.get("applied") else "dropped by the guard"
         parts.append(f"CLE: {len(pairs)} pairs equalized, {len(skipped)} skipped{f' ({why})' if why else ''} — {verdict}"
                      + (" (float model changed)" if eq.get("applied") and eq.get("changes_float_model") else ""))
+    ada = record.get("adaround")
+    if ada is not None:
+        rows = ada.get("layers", [])
+        parts.append(f"AdaRound: {'kept' if ada.get('kept') else 'dropped'} by the guard ({sum(r['learned_kept'] for r in rows)} of "
+                     f"{len(rows)} layers re-rounded, {sum(r['changed_codes'] for r in rows):,} of {sum(r['weights'] for r in rows):,} codes moved)")
     bc = record.get("bias_correction")
     if bc is not None:
         parts.append(f"bias correction: {'kept' if bc.get('kept') else 'dropped'} by the guard ({len(bc.get('layers', []))} layers)")
@@ -95,6 +103,9 @@ def guard_fidelity(record: dict) -> str:
     eq = record.get("equalization") or {}
     if eq.get("fidelity_with") is not None:
         parts.append(f"CLE with {fmt(eq['fidelity_with'])}, without {fmt(eq['fidelity_without'])}")
+    ada = record.get("adaround")
+    if ada is not None:
+        parts.append(f"AdaRound with {fmt(ada.get('fidelity_after'))}, nearest rounding {fmt(ada.get('fidelity_before'))}")
     bc = record.get("bias_correction")
     if bc is not None:
         parts.append(f"bias correction after {fmt(bc.get('fidelity_after'))}, before {fmt(bc.get('fidelity_before'))}")
@@ -130,6 +141,8 @@ def main() -> None:
             print(f"[{target}] {setting}: quantize {quantize_s:.1f} s; equalization keys {sorted(eq or {})}; "
                   f"bias_correction keys {sorted(bc) if bc else None}", flush=True)
             print(f"    equalization: { {k: v for k, v in (eq or {}).items() if k not in ('pairs',)} }", flush=True)
+            if record.get("adaround"):
+                print(f"    adaround: { {k: v for k, v in record['adaround'].items() if k != 'layers'} }", flush=True)
             if bc:
                 print(f"    bias_correction: { {k: v for k, v in bc.items() if k != 'layers'} }", flush=True)
             label = f"{setting} {suffix}"
@@ -206,8 +219,8 @@ Quantization: `Int8Static` (histogram calibration, 256 calibration samples from 
 as each target sets them: `s8s8` for XNNPACK, `u8s8-reduced` for ONNX Runtime), `quantize(copy.deepcopy(model), config,
 data=data, target=...)` then `export(q, path, example_input=data.example_input(64), target=...)`. Each repair is guarded:
 kept only if the int8 model's fidelity to the float model on the 256 calibration samples does not drop — top-1 agreement
-AND output SQNR both at least as high as without it (`quantization.bias_correction.no_worse`); bias correction is judged
-after the equalization decision. "quantize s" is the wall time of the `quantize` call (calibration and guards included), 1 thread, shared machine.
+AND output SQNR both at least as high as without it (`quantization.bias_correction.no_worse`); AdaRound is judged after
+the equalization decision, bias correction after both. "quantize s" is the wall time of the `quantize` call (calibration and guards included), 1 thread, shared machine.
 
 ## Results
 

@@ -3,7 +3,7 @@ import pytest
 
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.targets import (
-    INT8_LAYOUTS, SATURATION_SAFE_LAYOUTS, XNNPACK_LAYOUTS, common_int8_layout, get_target, layout_ranges,
+    GUARDED_LAYOUTS, INT8_LAYOUTS, SATURATION_SAFE_LAYOUTS, XNNPACK_LAYOUTS, common_int8_layout, get_target, layout_ranges,
 )
 from deepshrink.ops.int_kernels import INT16_MAX, max_pair_sum
 
@@ -21,14 +21,16 @@ def test_the_safe_layouts_are_exactly_those_whose_pairs_fit_int16():
         r = layout_ranges(layout)
         fits = r["weight_dtype"] == "uint8" or max_pair_sum(255, r["weight_qmax"]) <= INT16_MAX
         assert (layout in SATURATION_SAFE_LAYOUTS) == fits
+        # a guarded layout starts at full range; quantize narrows the channels that need it
+        assert (layout in GUARDED_LAYOUTS) == (layout.endswith("-guarded") and not fits)
 
 
 def test_target_defaults_and_the_layout_shared_by_both_runtimes():
     xnnpack, ort = get_target("xnnpack"), get_target("onnxruntime")
-    assert xnnpack.quantizer.int8_layout == "s8s8" and ort.quantizer.int8_layout == "u8s8-reduced"
+    assert xnnpack.quantizer.int8_layout == "s8s8" and ort.quantizer.int8_layout == "u8s8-guarded"
     assert common_int8_layout(("pte",), xnnpack) == "s8s8"
-    assert common_int8_layout(("onnx",), ort) == "u8s8-reduced"
-    assert common_int8_layout(("onnx",), xnnpack) == "u8s8-reduced"       # the file ORT runs decides
+    assert common_int8_layout(("onnx",), ort) == "u8s8-guarded"
+    assert common_int8_layout(("onnx",), xnnpack) == "u8s8-guarded"       # the file ORT runs decides
     both = common_int8_layout(("pte", "onnx"), xnnpack)
-    assert both == common_int8_layout(("onnx", "pte"), ort) == "s8s8-reduced"
-    assert both in XNNPACK_LAYOUTS and both in SATURATION_SAFE_LAYOUTS
+    assert both == common_int8_layout(("onnx", "pte"), ort) == "s8s8-guarded"
+    assert both in XNNPACK_LAYOUTS and both in GUARDED_LAYOUTS

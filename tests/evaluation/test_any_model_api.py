@@ -24,7 +24,7 @@ def test_raw_token_ids_end_to_end_in_onnx_runtime(tmp_path):
     data = ds.data.from_samples(calib=tm.calib, eval=tm.evaluation)
     assert not data.labelled and not data.fixed_shape and data.dynamic == {0: {1: (2, 32)}, 1: {1: (2, 32)}}
     q = ds.quantize(model, ds.Int8Static(), data=data, target="onnxruntime")
-    assert q._deepshrink_quant["int8_layout"] == "u8s8-reduced" and q._deepshrink_quant["dynamic"]["0"] == {"1": [2, 32]}
+    assert q._deepshrink_quant["int8_layout"] == "u8s8-guarded" and q._deepshrink_quant["dynamic"]["0"] == {"1": [2, 32]}
     result = ds.export(q, tmp_path / "model.onnx", example_input=data.example_input(2), target="onnxruntime",
                        parity_samples=data.inputs("test", 40))
     assert result.parity_passed

@@ -1,7 +1,7 @@
 """vpmaddubsw's arithmetic: pairs of u8 x s8 products summed into a saturating int16."""
 import torch
 
-from deepshrink.ops.int_kernels import INT16_MAX, max_pair_sum, pair_sums, u8s8_dot
+from deepshrink.ops.int_kernels import INT16_MAX, max_pair_sum, pair_peaks, pair_sums, u8s8_dot
 
 
 def test_exact_dot_products_match_a_matmul():
@@ -33,3 +33,15 @@ def test_saturation_count_does_not_depend_on_clamping():
     saturated, clipped = u8s8_dot(a, w, saturate_pairs=True)
     assert clipped == clipped_exact == 16 * 8 * 32
     assert bool((saturated < exact).all())
+
+
+def test_pair_peaks_are_the_largest_pair_sum_per_weight_row():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(0, 256, (40, 18), generator=g)
+    w = torch.randint(-127, 128, (6, 18), generator=g)
+    w[5] = torch.randint(-3, 4, (18,), generator=g)                  # a row too small to come near int16
+    peaks = pair_peaks(a, w, chunk=7)                                 # chunking must not change the result
+    exact = pair_sums(a, w).abs().amax((0, 1))
+    assert torch.equal(peaks[:5], exact[:5].long())
+    # the small row gets its bound 2 * max(a) * max|w| instead of an exact peak: never below it
+    assert peaks[5] == 2 * int(a.max()) * int(w[5].abs().max()) >= exact[5]

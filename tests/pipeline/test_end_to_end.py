@@ -33,9 +33,9 @@ def test_runtimes_agree_with_the_simulated_quantized_model(run):
     assert abs(v["compressed .onnx"]["accuracy"] - simulated) <= 0.005
     assert v["fp32 .pte"]["accuracy"] == pytest.approx(v["fp32 eager"]["accuracy"], abs=1 / 359)
     assert simulated > 0.9  # 10-class digits; a broken path lands near 0.1
-    # one model for both files: a layout XNNPACK runs and ONNX Runtime's x86 kernels cannot saturate,
-    # so the .onnx bound holds on CPUs with and without VNNI
-    assert run.state.quantization["int8_layout"] == "s8s8-reduced"
+    # one model for both files: a layout XNNPACK runs, 7-bit weights only in the channels ONNX Runtime's
+    # x86 kernels would saturate without VNNI (measured on the calibration samples; the export checks its own)
+    assert run.state.quantization["int8_layout"] == "s8s8-guarded"
     assert v["compressed .onnx"]["parity_passed"] and v["compressed .pte"]["parity_passed"]
 
 

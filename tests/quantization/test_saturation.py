@@ -118,8 +118,9 @@ def test_the_real_kernel_agrees_with_what_the_cpu_features_predict(tmp_path):
     assert real.passed == (not cpu_info().int8_pairs_saturate)       # the machine's own kernel
     safe = quantize(model, Int8Static(calibration="minmax"), data=data, target="onnxruntime")
     safe_result = export(safe, tmp_path / "safe.onnx", example_input=x)
-    assert safe_result.parity_passed and len(safe_result.parity) == 1   # a safe layout needs no emulation
-    assert safe._deepshrink_quant["int8_layout"] == "u8s8-reduced"
+    assert safe._deepshrink_quant["int8_layout"] == "u8s8-guarded"     # the target's default
+    real, emulated = safe_result.parity                                 # a guarded layout is checked by emulation too
+    assert real.passed and emulated.passed
 
 
 def test_the_gate_refuses_a_saturating_onnx_file_on_every_cpu(tmp_path):

@@ -16,14 +16,19 @@ from deepshrink.core.errors import ConfigError
 #   u8s8-reduced  uint8 activations, 7-bit weights in [-63, 63]
 #   u8s8          uint8 activations, int8 weights in [-127, 127]
 #   u8u8          uint8 activations, uint8 weights (zero point 128)
+#   s8s8-guarded  int8 activations, int8 weights in [-127, 127] except the output channels whose
+#   u8s8-guarded  pair sums came near int16 on the calibration samples: those in [-63, 63]
+#                 (``quantization.weight_range``; the export emulates the kernel to check)
 # On x86 without VNNI, ONNX Runtime's u8 x s8 kernels add two products into a saturating int16
 # (``vpmaddubsw``): 255 * 127 * 2 = 64,770 > 32,767, so full-range int8 weights can overflow.
 # With 7-bit weights a pair is at most 255 * 63 * 2 = 32,130, and u8 x u8 runs a widening kernel:
-# those layouts cannot saturate on any CPU. ``bench/results/ort_int8.md`` measures all five.
-Int8Layout = Literal["s8s8", "s8s8-reduced", "u8s8-reduced", "u8s8", "u8u8"]
-INT8_LAYOUTS: tuple[str, ...] = ("s8s8", "s8s8-reduced", "u8s8-reduced", "u8s8", "u8u8")
+# those layouts cannot saturate on any CPU. ``bench/results/ort_int8.md`` measures the first five.
+# The guarded layouts keep the 8th bit wherever the measured pair sums leave room for it.
+Int8Layout = Literal["s8s8", "s8s8-reduced", "u8s8-reduced", "u8s8", "u8u8", "s8s8-guarded", "u8s8-guarded"]
+INT8_LAYOUTS: tuple[str, ...] = ("s8s8", "s8s8-reduced", "u8s8-reduced", "u8s8", "u8u8", "s8s8-guarded", "u8s8-guarded")
 SATURATION_SAFE_LAYOUTS: tuple[str, ...] = ("s8s8-reduced", "u8s8-reduced", "u8u8")
-XNNPACK_LAYOUTS: tuple[str, ...] = ("s8s8", "s8s8-reduced")   # XNNPACK runs signed int8 only
+GUARDED_LAYOUTS: tuple[str, ...] = ("s8s8-guarded", "u8s8-guarded")
+XNNPACK_LAYOUTS: tuple[str, ...] = ("s8s8", "s8s8-reduced", "s8s8-guarded")   # XNNPACK runs signed int8 only
 
 
 def layout_ranges(layout: str) -> dict:
@@ -67,10 +72,10 @@ TARGETS: dict[str, TargetProfile] = {
     "onnxruntime": TargetProfile(
         name="onnxruntime",
         export_format="onnx",
-        # the file's CPU is unknown: a layout that cannot saturate on x86 without VNNI, and of those
-        # the fastest measured (u8 activations run ORT's u8s8 kernels directly)
+        # the file's CPU is unknown: full int8 weights only where x86 without VNNI cannot clip them
+        # (measured per channel on the calibration samples), u8 activations for ORT's fast u8s8 kernels
         quantizer=QuantizerSettings(per_channel_weights=True, symmetric_weights=True, weight_bits=(8,),
-                                    int8_layout="u8s8-reduced"),
+                                    int8_layout="u8s8-guarded"),
         channel_multiple=8,
         description="ONNX QDQ graph run by ONNX Runtime's CPU execution provider",
     ),
@@ -85,12 +90,12 @@ def runtime_of(fmt: str) -> str:
 def common_int8_layout(formats: tuple[str, ...] | list[str], target: "TargetProfile") -> str:
     """One int8 layout every runtime in ``formats`` executes correctly: the target's own when it
     serves them all; with a ``.pte`` among them, XNNPACK's signed layout made saturation-safe
-    when ONNX Runtime must run the same weights too."""
+    when ONNX Runtime must run the same weights too (7 bits only in the channels that need it)."""
     formats = tuple(formats) or (target.export_format,)
     if set(formats) <= {target.export_format}:
         return target.quantizer.int8_layout
     if "pte" in formats:
-        return "s8s8-reduced" if "onnx" in formats else TARGETS["xnnpack"].quantizer.int8_layout
+        return "s8s8-guarded" if "onnx" in formats else TARGETS["xnnpack"].quantizer.int8_layout
     return TARGETS[runtime_of(formats[0])].quantizer.int8_layout
 
 

@@ -56,3 +56,22 @@ def u8s8_dot(a_u8: torch.Tensor, w_s8: torch.Tensor, *, saturate_pairs: bool, ch
             pairs = pairs.clamp(INT16_MIN, INT16_MAX)
         out.append(pairs.sum(1, dtype=torch.float64).round().to(torch.int64))
     return torch.cat(out), clipped
+
+
+def pair_peaks(a_u8: torch.Tensor, w_s8: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+    """``[M]`` int64: per weight row, the largest ``|pair sum|`` the rows of ``a_u8`` ``[N, K]`` form
+    with it (what must stay within int16 for ``vpmaddubsw`` not to clip). Rows whose extremes
+    cannot reach half of int16 get that bound instead of an exact peak (cheap, and never an
+    underestimate)."""
+    a_max = int(a_u8.max()) if a_u8.numel() else 0
+    bound = 2 * a_max * w_s8.to(torch.int64).abs().amax(1)
+    near = bound > INT16_MAX // 2
+    if a_u8.numel() == 0 or not bool(near.any()):
+        return bound
+    rows = near.nonzero().flatten()
+    peak = torch.zeros(len(rows), dtype=torch.float32)
+    for start in range(0, a_u8.shape[0], chunk):
+        pairs = pair_sums(a_u8[start:start + chunk], w_s8[rows])
+        peak = torch.maximum(peak, pairs.abs().amax((0, 1)))
+    bound[rows] = peak.round().to(torch.int64)
+    return bound

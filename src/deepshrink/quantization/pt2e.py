@@ -3,7 +3,8 @@
 Static: float graph (batch norm and padding folded) -> prepare -> calibrate -> convert; then
 the optional repairs, each kept only if int8 fidelity to the float model on the calibration
 samples does not drop: cross-layer equalization (a second quantization of the equalized graph,
-the better one kept) and bias correction. Dynamic: prepare -> one forward so the weight observers
+the better one kept), AdaRound (learned up-or-down rounding of the int8 weight codes) and bias
+correction, in that order. Dynamic: prepare -> one forward so the weight observers
 see the weights -> convert. Both record what they did in ``model._deepshrink_quant``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from deepshrink.core.errors import ConfigError
 from deepshrink.core.progress import progress
 from deepshrink.core.graph import drop_unused_weights
 from deepshrink.core.selection import select
-from deepshrink.core.targets import TargetProfile
+from deepshrink.core.targets import GUARDED_LAYOUTS, TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8Dynamic, Int8Static
 from deepshrink.quantization.quantizer import build_quantizer, layer_name, quantization_config
@@ -66,7 +67,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         drop_unused_weights(converted)   # the float originals of the folded int8 weights
         return converted, seen, ranges
 
-    repairs = config.equalization != "none" or config.bias_correction
+    repairs = config.equalization != "none" or config.bias_correction or config.rounding == "adaround"
     if repairs:
         from deepshrink.quantization.bias_correction import calibration_batches, channel_means
 
@@ -74,6 +75,10 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         # the original float function: what every repair is measured against
         expected = channel_means(graph, batches, [], desc="float reference outputs")[1]
     reference = copy.deepcopy(graph) if repairs else None
+    if layout in GUARDED_LAYOUTS and reference is None:
+        from deepshrink.quantization.weight_range import float_weights
+
+        source_weights = float_weights(graph)   # before prepare: what narrowed channels re-quantize from
     result = ptq(graph)
     equalization: dict = {"mode": "none", "applied": False}
     if config.equalization != "none":
@@ -86,6 +91,24 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         "calibration": config.calibration, "calibration_samples_used": seen, "per_channel": per_channel,
         "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32), "int8_layout": layout,
     }
+    if layout in GUARDED_LAYOUTS:
+        from deepshrink.quantization.bias_correction import calibration_batches
+        from deepshrink.quantization.weight_range import float_weights, guard_weight_range, merge_reports
+
+        # before the rounding repair, which then re-rounds the narrowed channels within 7 bits, and
+        # before bias correction, which then sees their error too
+        weights = float_weights(reference) if reference is not None else source_weights
+        guard_batches = batches if repairs else calibration_batches(data, config.calibration_samples)
+        details["weight_range"] = guard_weight_range(converted, weights, guard_batches)
+    if config.rounding == "adaround":
+        from deepshrink.quantization.adaround import adaround
+
+        started = time.perf_counter()
+        # before bias correction: re-rounding moves each layer's mean error, which the correction then removes
+        details["adaround"] = adaround(converted, reference, batches, expected=expected)
+        details["adaround"]["seconds"] = round(time.perf_counter() - started, 3)
+        if layout in GUARDED_LAYOUTS:   # a code moved up by one can push a full-range channel's pair past int16
+            details["weight_range"] = merge_reports(details["weight_range"], guard_weight_range(converted, weights, guard_batches))
     if config.bias_correction:
         from deepshrink.quantization.bias_correction import correct_bias
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from deepshrink.core.graph import capture, drop_unused_weights
 from deepshrink.core.loops import Distillation, TrainFn, run_training
-from deepshrink.core.targets import TargetProfile
+from deepshrink.core.targets import GUARDED_LAYOUTS, TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8QAT
 from deepshrink.quantization.graph_passes import fold_padding_into_conv
@@ -40,6 +40,10 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
                     training=True).module()
     fold_padding_into_conv(graph)
     layout = config.int8_layout or target.quantizer.int8_layout
+    if layout in GUARDED_LAYOUTS:
+        # guarding narrows channels after the weights are final, which would move a trained
+        # function; QAT trains the 7-bit weights in instead, everywhere (cannot saturate either)
+        layout = layout.replace("-guarded", "-reduced")
     prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True, int8_layout=layout),
                                                        fp32_layers=fp32))
     allow_train_eval(prepared)

@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 
-from deepshrink.ops.int_kernels import u8s8_dot
+from deepshrink.ops.int_kernels import pair_peaks, u8s8_dot
 
 _QD = torch.ops.quantized_decomposed
 # static graphs only: a dynamic graph's ONNX (``quantization/onnx_ops.py``) runs DequantizeLinear and a
@@ -41,6 +41,9 @@ class SaturationReport:
 
     pairs: dict[str, int] = field(default_factory=dict)
     saturated: dict[str, int] = field(default_factory=dict)
+    # per layer node, per output channel: the largest |pair sum| seen (``peaks=True`` only;
+    # layers whose kernel accumulates in int32 — depthwise, u8 x u8 — have none)
+    peaks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def total_saturated(self) -> int:
@@ -66,9 +69,9 @@ def _quantized_operands(node: Node):
 
 
 class _Emulator(Interpreter):
-    def __init__(self, gm: GraphModule, report: SaturationReport, saturate: bool) -> None:
+    def __init__(self, gm: GraphModule, report: SaturationReport, saturate: bool, peaks: bool = False) -> None:
         super().__init__(gm, garbage_collect_values=False)   # the codes behind each dequantize are read back
-        self.report, self.saturate = report, saturate
+        self.report, self.saturate, self.peaks = report, saturate, peaks
 
     def run_node(self, n: Node):
         out = super().run_node(n)
@@ -93,11 +96,19 @@ class _Emulator(Interpreter):
             a = a_u8.reshape(-1, a_u8.shape[-1])
             w = w_codes.reshape(w_codes.shape[0], -1)
             delta, pairs, clipped = self._delta(a, w)
+            self._peak(node.name, [pair_peaks(a, w)] if self.peaks else None)
             self.report.pairs[node.name] = self.report.pairs.get(node.name, 0) + pairs
             self.report.saturated[node.name] = self.report.saturated.get(node.name, 0) + clipped
             correction = delta.to(out.dtype) * x_scale * w_scale.reshape(1, -1).to(out.dtype)
             return correction.reshape(out.shape)
         return self._conv_correction(node, a_u8, zp_u8, w_codes, x_scale, w_scale, out)
+
+    def _peak(self, name: str, parts: list[torch.Tensor] | None) -> None:
+        if parts is None:
+            return
+        peak = torch.cat(parts)
+        seen = self.report.peaks.get(name)
+        self.report.peaks[name] = peak if seen is None else torch.maximum(seen, peak)
 
     def _value(self, arg):
         value = self.env[arg] if isinstance(arg, Node) else arg
@@ -139,11 +150,15 @@ class _Emulator(Interpreter):
         length = cols.shape[-1]
         cols = cols.reshape(n, groups, cg, kh * kw, length).permute(0, 1, 4, 3, 2).reshape(n, groups, length, kh * kw * cg)
         weights = w_codes.reshape(groups, m // groups, cg, kh * kw).permute(0, 1, 3, 2).reshape(groups, m // groups, kh * kw * cg)
-        deltas, total_pairs, total_clipped = [], 0, 0
+        deltas, peaks, total_pairs, total_clipped = [], [], 0, 0
         for g in range(groups):
-            delta, pairs, clipped = self._delta(cols[:, g].reshape(n * length, -1), weights[g])
+            rows = cols[:, g].reshape(n * length, -1)
+            delta, pairs, clipped = self._delta(rows, weights[g])
             deltas.append(delta.reshape(n, length, m // groups))
             total_pairs, total_clipped = total_pairs + pairs, total_clipped + clipped
+            if self.peaks:
+                peaks.append(pair_peaks(rows, weights[g]))
+        self._peak(node.name, peaks if self.peaks else None)
         self.report.pairs[node.name] = self.report.pairs.get(node.name, 0) + total_pairs
         self.report.saturated[node.name] = self.report.saturated.get(node.name, 0) + total_clipped
         delta = torch.cat(deltas, dim=2).permute(0, 2, 1).reshape(out_view.shape).to(out.dtype)
@@ -151,15 +166,16 @@ class _Emulator(Interpreter):
         return correction.squeeze(2) if one_d else correction
 
 
-def emulate_x86_without_vnni(gm: GraphModule, inputs, *, saturate: bool = True):
+def emulate_x86_without_vnni(gm: GraphModule, inputs, *, saturate: bool = True, peaks: bool = False):
     """The graph's output (a tensor, or a tuple for several) as ONNX Runtime's AVX2 u8 x s8
     kernels would compute it, and the count of saturated pair sums per layer. ``inputs`` is a
-    ``core.samples`` batch. ``saturate=False`` gives the exact (VNNI) arithmetic with the same counts."""
+    ``core.samples`` batch. ``saturate=False`` gives the exact (VNNI) arithmetic with the same counts.
+    ``peaks=True`` also records each output channel's largest |pair sum| (``SaturationReport.peaks``)."""
     from deepshrink.core import samples as S
     from deepshrink.core.outputs import output_tensors
 
     report = SaturationReport()
-    emulator = _Emulator(gm, report, saturate)
+    emulator = _Emulator(gm, report, saturate, peaks)
     with torch.no_grad():
         flat = output_tensors(emulator.run(*S.flatten(inputs)))
     return (flat[0] if len(flat) == 1 else flat), report
