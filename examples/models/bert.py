@@ -47,6 +47,24 @@ def tiny_bert() -> nn.Module:
     return model.eval()
 
 
+def minilm_sized_bert() -> nn.Module:
+    """A BERT of all-MiniLM-L6-v2's shape (6 layers, hidden 384, 12 heads, FFN 1536, vocab
+    30,522, 512 positions: 22.7 M parameters, the sentence encoder of the issue "Compress real
+    models well"), randomly initialised, seed 0, eval mode. No download: its *bytes* are those of
+    the real model, its weights are not, so it measures file sizes and speed, not trained fidelity."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = BertModel(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
+
+
 def _samples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
