@@ -29,3 +29,15 @@ def mnist(shared_data):
     from deepshrink.data import load
 
     return load("mnist", data_dir=shared_data / "mnist")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``), as CI and the
+    benchmarks run: on two shared cores, many small multi-threaded steps mostly wait for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,17 +34,8 @@ CLS, SEP, PAD = 2, 3, 0
 
 def tiny_bert() -> nn.Module:
     """Randomly initialised (seed 0) 2-layer BERT, hidden 64, eval mode."""
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    return _seeded_bert(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = BertModel(config)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.eval()
 
 
 def minilm_sized_bert() -> nn.Module:
@@ -52,14 +43,18 @@ def minilm_sized_bert() -> nn.Module:
     30,522, 512 positions: 22.7 M parameters, the sentence encoder of the issue "Compress real
     models well"), randomly initialised, seed 0, eval mode. No download: its *bytes* are those of
     the real model, its weights are not, so it measures file sizes and speed, not trained fidelity."""
+    return _seeded_bert(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512)
+
+
+def _seeded_bert(**config) -> nn.Module:
+    """``BertModel(BertConfig(**config))`` built under seed 0, the caller's RNG state left as it was."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, max_position_embeddings=512)
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        model = BertModel(config)
+        model = BertModel(BertConfig(**config))
     finally:
         torch.random.set_rng_state(state)
     return model.eval()

@@ -40,12 +40,7 @@ CASES = {   # name: (in, hidden, config, batch shape without the features, ACCUR
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Exported:

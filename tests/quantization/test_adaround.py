@@ -33,13 +33,7 @@ def _sqnr(reference: torch.Tensor, output: torch.Tensor) -> float:
     return 10 * math.log10(float(reference.double().pow(2).sum() / (reference.double() - output.double()).pow(2).sum()))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # one core, as CI and the benchmarks run: the rounding's many small steps only contend for more
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # the rounding's many small steps only contend for more
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,29 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
+def _trained_300_100_state(digits):
+    torch.manual_seed(0)
+    model = create("lenet-300-100")
+    fit(model, digits, TrainConfig(epochs=1, lr=1e-3, batch_size=64, seed=0), progress=False)
+    return copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def trained(_trained_300_100_state):
+    """A full-size LeNet-300-100 trained one epoch on digits, a fresh copy per test module."""
+    model = create("lenet-300-100")
+    model.load_state_dict(_trained_300_100_state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    """200 digits test images."""
+    x, _ = next(iter(torch.utils.data.DataLoader(digits.test, batch_size=200)))
+    return x
+
+
+@pytest.fixture(scope="session")
 def blobs():
     g = torch.Generator().manual_seed(0)
     return from_tensors("blobs", _blobs(400, g), _blobs(200, g), num_classes=4, val_fraction=0.25, calib_size=32, seed=0)

@@ -15,40 +15,21 @@ import yaml
 import deepshrink
 from deepshrink.core.config import from_dict, to_dict
 from deepshrink.core.errors import ArtifactError, ConfigError
-from deepshrink.data import load
 from deepshrink.deploy import export
 from deepshrink.deploy.parity import measure
 from deepshrink.evaluation.runners import open_runner
 from deepshrink.formats.container import read_container, record_for, write_container
-from deepshrink.models.zoo import create
 from deepshrink.ops.nonuniform import decode_on_grid, grid_scales, snap_to_grid
 from deepshrink.quantization.lowbit import (Codebook, DynamicQuantLinear, Int8DynamicLowBit, load_compressed,
                                             quantized_weights, save_compressed)
 from deepshrink.quantization.lowbit.codebook import GridCodebookWeight, _DecodeOnGrid
 from deepshrink.quantization.lowbit.runtime import fit_runtime_weight
-from deepshrink.training import TrainConfig, accuracy, fit
+from deepshrink.training import TrainConfig, accuracy
 
 LAYERS = {"hidden.0": 300, "hidden.1": 100, "classifier": 10}   # output channels of lenet-300-100
 SCALE_BYTES = 4 * sum(LAYERS.values())                            # one float32 scale per output channel
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    model = create("lenet-300-100")
-    fit(model, digits, TrainConfig(epochs=1, lr=1e-3, batch_size=64, seed=0), progress=False)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def batch(digits):
-    x, _ = next(iter(torch.utils.data.DataLoader(digits.test, batch_size=200)))
-    return x
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,11 @@ from torch import nn
 import deepshrink
 from deepshrink.core.config import from_dict, to_dict
 from deepshrink.core.errors import ConfigError, ExportError
-from deepshrink.data import load
 from deepshrink.deploy import export
 from deepshrink.evaluation.runners import open_runner
-from deepshrink.models.zoo import create
 from deepshrink.quantization import quantize_report
 from deepshrink.quantization.lowbit import DynamicQuantLinear, Int8DynamicLowBit
 from deepshrink.quantization.lowbit.runtime import fit_runtime_weight, int8_per_row_round_trip
-from deepshrink.training import TrainConfig, fit
 
 from .conftest import new_mlp, small_lenet
 
@@ -52,23 +49,6 @@ def pte_bound(widths: dict[str, int | None], group: int = 32, overhead: int = 16
     return total
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    model = create("lenet-300-100")
-    fit(model, digits, TrainConfig(epochs=1, lr=1e-3, batch_size=64, seed=0), progress=False)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def batch(digits):
-    x, _ = next(iter(torch.utils.data.DataLoader(digits.test, batch_size=200)))
-    return x
 
 
 SCHEMES = {"q4": Int8DynamicLowBit(bits=4, group_size=32), "q8": Int8DynamicLowBit(bits=8),
