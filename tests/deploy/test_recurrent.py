@@ -1,11 +1,11 @@
-"""LSTMs unrolled into ops XNNPACK runs: the same values as nn.LSTM, one delegate in the .pte."""
+"""LSTMs and GRUs unrolled into ops XNNPACK runs: the same values as nn.LSTM / nn.GRU, one delegate in the .pte."""
 import pytest
 import torch
 from torch import nn
 
 from deepshrink.core.errors import ExportError
 from deepshrink.deploy import export
-from deepshrink.deploy.recurrent import UnrolledLSTM, unroll_lstms
+from deepshrink.deploy.recurrent import UnrolledGRU, UnrolledLSTM, foldable_recurrent_weights, unroll_lstms, unroll_recurrent
 from deepshrink.formats.sidecar import read_sidecar
 
 
@@ -36,6 +36,21 @@ def test_unrolled_lstm_equals_nn_lstm(kwargs):
         want_out, (want_h, want_c) = lstm(*args)
         out, (h, c) = UnrolledLSTM(lstm)(*args)
         for got, want in ((out, want_out), (h, want_h), (c, want_c)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_first=True), dict(batch_first=False, bidirectional=True),
+                                    dict(bias=False, batch_first=True)])
+def test_unrolled_gru_equals_nn_gru(kwargs):
+    torch.manual_seed(2)
+    gru = nn.GRU(5, 7, 2, **kwargs).eval()
+    x = torch.randn(3, 6, 5) if kwargs.get("batch_first") else torch.randn(6, 3, 5)
+    hx = torch.randn(2 * (2 if kwargs.get("bidirectional") else 1), 3, 7)
+    for args in ((x,), (x, hx), (x[0] if kwargs.get("batch_first") else x[:, 0],)):
+        want_out, want_h = gru(*args)
+        out, h = UnrolledGRU(gru)(*args)
+        for got, want in ((out, want_out), (h, want_h)):
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -74,3 +89,67 @@ def test_a_dynamic_time_dimension_is_refused_with_the_fix():
 
     with pytest.raises(ExportError, match="time dimension cannot be dynamic in a .pte.*export .onnx"):
         capture(unroll_lstms(Encoder().eval()), torch.randn(2, 6, 5), max_batch=4, dynamic={0: {1: (2, 16)}})
+
+
+def _int8_graph(cell=nn.LSTM):
+    """A 2-layer cell quantized by the int8 quantizer (weights int8 per row, weight-only)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from deepshrink.core.graph import drop_unused_weights
+    from deepshrink.quantization.quantizer import build_quantizer, quantization_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("rnn", cell(5, 8, 2, batch_first=True))
+    x = torch.randn(4, 6, 5)
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(),
+                            build_quantizer(quantization_config(per_channel=True)))
+    prepared(x)
+    graph = convert_pt2e(prepared)
+    drop_unused_weights(graph)
+    return model, graph, x
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_int8_cells_unroll_to_per_row_int8_linears(cell):
+    model, graph, x = _int8_graph(cell)
+    unrolled = unroll_recurrent(graph)
+    captured = torch.export.export(unrolled, (x,)).graph
+    dq = [n for n in captured.nodes if n.target is torch.ops.quantized_decomposed.dequantize_per_channel.default]
+    # the 3 int8 matrices (layer 0's w_hh, layer 1's w_ih and w_hh), each dequantized by every linear reading it,
+    # each linear's input rounded per row (then dequantize_affine): one projection and 6 steps x 2 layers
+    assert len({n.args[0] for n in dq}) == 3 and len(dq) == 1 + 6 + 6
+    assert sum(n.target is torch.ops.torchao.dequantize_affine.default for n in captured.nodes) == len(dq)
+    # layer 0's input projection is float: the dequantized codes, exactly
+    floats = [b for name, b in unrolled.named_buffers() if name.startswith("_deepshrink_float_")]
+    w = model.rnn.weight_ih_l0.detach()
+    scale = torch.clamp(w.abs().amax(dim=1) / 127, min=2**-12)
+    assert len(floats) == 1 and torch.equal(floats[0], torch.clamp(torch.round(w * (1.0 / scale[:, None])), -127, 127) * scale[:, None])
+    assert not any(b.dtype == torch.int8 and b.shape == w.shape for b in unrolled.buffers())   # its codes are not carried
+    with torch.no_grad():   # the .pte's computation: activations rounded to int8 per row, bar layer 0's input
+        diff = (unrolled(x)[0] - graph(x)[0]).abs().max().item()
+    assert 0 < diff < 0.02, diff
+
+
+def test_onnx_cell_weights_become_foldable_constants():
+    import numpy as np
+    import onnx_ir as ir
+
+    codes = ir.Value(name="codes", const_value=ir.tensor(np.array([[1, -2], [3, 4]], np.int8)))
+    scale = ir.Value(name="scale", const_value=ir.tensor(np.array([0.5, 0.25], np.float32)))
+    zero = ir.Value(name="zero", const_value=ir.tensor(np.zeros(2, np.int8)))
+    dq = ir.node("DequantizeLinear", [codes, scale, zero], attributes={"axis": 0})
+    gemm_dq = ir.node("DequantizeLinear", [codes, scale, zero], attributes={"axis": 0})
+    x = ir.Value(name="x", shape=ir.Shape([1, 1, 2]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.node("Unsqueeze", [dq.outputs[0], ir.Value(name="axes", const_value=ir.tensor(np.array([0], np.int64)))])
+    lstm = ir.node("LSTM", [x, w.outputs[0], w.outputs[0]], attributes={"hidden_size": 1})
+    gemm = ir.node("Gemm", [x, gemm_dq.outputs[0]])
+    graph = ir.Graph([x], [*lstm.outputs[:1], gemm.outputs[0]], nodes=[dq, gemm_dq, w, lstm, gemm],
+                     initializers=[codes, scale, zero, w.inputs[1]], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    assert foldable_recurrent_weights(model) == 1          # the Gemm's weight stays a QDQ pair ORT fuses
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("DequantizeLinear") == 1 and "Cast" in ops and "Mul" in ops
+    mul = next(n for n in model.graph if n.op_type == "Mul")
+    np.testing.assert_array_equal(mul.inputs[1].const_value.numpy(), np.array([[0.5], [0.25]], np.float32))
+    assert "codes" in model.graph.initializers                                  # still the int8 codes on disk

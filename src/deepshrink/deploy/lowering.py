@@ -12,6 +12,7 @@ from deepshrink.core.io import atomic_path
 from deepshrink.core.log import scoped_levels
 from deepshrink.deploy.onnx_layout import unsigned_activations
 from deepshrink.deploy.onnx_lowbit import matmul_nbits
+from deepshrink.deploy.recurrent import foldable_recurrent_weights
 from deepshrink.deploy.xnnpack_fixes import prelu_to_4d, quantized_embeddings
 
 
@@ -74,6 +75,7 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
     with atomic_path(path) as tmp:
         strip_debug_metadata(onnx_program.model)
         int4_lookup_tables(onnx_program.model)
+        foldable_recurrent_weights(onnx_program.model)   # int8 LSTM/GRU weights ORT folds at load (deploy.recurrent)
         unsigned_activations(onnx_program.model)   # s8 activation Q/DQ as u8: exact, ORT's fast x86 kernels
         matmul_nbits(onnx_program.model, program)   # Int8DynamicLowBit layers: ORT's MatMulNBits
         onnx_program.save(str(tmp))

@@ -1,13 +1,27 @@
-"""LSTMs written out step by step in ops XNNPACK runs, so a recurrent model lowers to one delegate.
+"""LSTMs and GRUs written out step by step in ops XNNPACK runs, so a recurrent model lowers to one
+delegate; and the int8 cell weights of an ``.onnx`` made constants ONNX Runtime folds.
 
-ExecuTorch 1.5.1 has no LSTM kernel: ``to_edge`` decomposes ``aten.lstm`` per time step into
-``squeeze``/``unsqueeze``/``split_with_sizes``/``select`` copies that XNNPACK does not take, so a
-3-layer LSTM over 160 frames becomes hundreds of small delegates (about 4 s of lowering per frame
-and a slow file). ``unroll_lstms`` replaces every LSTM — ``nn.LSTM`` modules of an eager model,
-``aten.lstm.input`` nodes of a captured (e.g. quantized) graph — with the same recurrence written
-in ``linear``, ``slice``, ``view``, ``sigmoid``, ``tanh``, ``mul``, ``add`` and ``cat``, all of which
-XNNPACK delegates. The values are those of ``aten.lstm`` up to float rounding (the parity gate
-checks the file). The time dimension must be static: an unrolled loop has one length.
+ExecuTorch 1.5.1 has no LSTM or GRU kernel (none in its kernel lists): ``to_edge`` decomposes
+``aten.lstm`` per time step into ``squeeze``/``unsqueeze``/``split_with_sizes``/``select`` copies
+that XNNPACK does not take, so a 3-layer LSTM over 160 frames becomes hundreds of small delegates
+(about 4 s of lowering per frame and a slow file). ``unroll_recurrent`` replaces every LSTM and GRU
+— ``nn.LSTM``/``nn.GRU`` modules of an eager model, ``aten.lstm.input``/``aten.gru.input`` nodes of
+a captured (e.g. quantized) graph — with the same recurrence written in ``linear``, ``slice``,
+``view``, ``permute``, ``sigmoid``, ``tanh``, ``mul``, ``add``, ``sub`` and ``cat``, all of which
+XNNPACK delegates. The values are those of the aten op up to float rounding (the parity gate checks
+the file). The time dimension must be static: an unrolled loop has one length.
+
+Int8 weights (``quantization.quantizer.annotate_recurrent``: int8 codes per output row behind a
+``dequantize_per_channel``, weight-only — the graph and the ``.onnx`` compute the cell in float):
+XNNPACK has no linear with float activations and int8 weights, so in the ``.pte`` each unrolled
+``linear`` on such a weight also rounds its input to int8 per row at run time — the pattern XNNPACK
+runs as its qd8-f32-qc8w GEMM (``quantization.lowbit.runtime``) — bar the first layer's input
+projection (``unroll_recurrent`` says why). Each int8 weight is one constant read by every time
+step's ``linear``: the file stores it once.
+
+``foldable_recurrent_weights`` rewrites the ``.onnx``'s ``DequantizeLinear`` of those weights as
+``Cast`` times the scales, which ONNX Runtime folds to constants when it loads the file, so the
+``LSTM``/``GRU`` op runs as fast as on the fp32 file (and still takes any sequence length).
 """
 from __future__ import annotations
 
@@ -19,52 +33,117 @@ from torch import nn
 
 from deepshrink.core.errors import ExportError
 
+def _linear(x, w, b=None):
+    """``F.linear``; for an int8 weight — ``(codes, scales, zero_points, qmin, qmax)``, see
+    ``unroll_recurrent`` — the weight is dequantized here, for this call alone, and ``x`` rounded to
+    int8 per row: XNNPACK's qd8-f32-qc8w GEMM. A dequantize per call, not one shared by every time
+    step: XNNPACK's partitioner keeps each linear's weight dequantize with it, and one shared by 160
+    linears would force them into one partition that the steps' gate ops cycle through. The codes
+    stay one constant (the delegate stores a tensor once)."""
+    if not isinstance(w, (tuple, list)):
+        return F.linear(x, w, b)
+    from deepshrink.quantization.lowbit.runtime import int8_per_row_round_trip
+
+    codes, scales, zero_points, qmin, qmax = w
+    weight = torch.ops.quantized_decomposed.dequantize_per_channel(codes, scales, zero_points, 0, qmin, qmax, torch.int8)
+    return F.linear(int8_per_row_round_trip(x), weight, b)
+
+
+def _layout(kind: str, x, h0, params, has_biases: bool, num_layers: int, bidirectional: bool,
+            batch_first: bool):
+    """Checks shared by both cells; returns ``(per, directions, hidden, steps, batch, rows)``:
+    ``rows`` is the input as ``[T * B, in]``, step ``t`` in rows ``t * B`` to ``(t + 1) * B``, so each
+    step reads its inputs with one slice and the steps' outputs join with one ``cat`` (no per-step
+    reshapes: each op is a node in the delegate, 1.8 KB of a ``.pte`` per step and layer)."""
+    per = 4 if has_biases else 2
+    directions = 2 if bidirectional else 1
+    if len(params) != per * num_layers * directions:
+        raise ExportError(f"{kind} with proj_size cannot be unrolled for the .pte; export .onnx, or use proj_size=0")
+    hidden = h0.shape[-1]
+    steps = x.shape[1] if batch_first else x.shape[0]
+    if not isinstance(steps, int):
+        raise ExportError(f"an {kind}'s time dimension cannot be dynamic in a .pte (the recurrence is unrolled): "
+                          f"export with a fixed sequence length, or export .onnx, whose {kind} op takes any length")
+    time_major = x.transpose(0, 1) if batch_first else x                 # [T, B, in]
+    batch = time_major.shape[1]
+    return per, directions, hidden, steps, batch, time_major.reshape(steps * batch, -1)
+
+
+def _sequence(rows, steps: int, batch, batch_first: bool):
+    """``[T * B, D]`` rows back to the cell's ``[B, T, D]`` (or ``[T, B, D]``) output."""
+    out = rows.reshape(steps, batch, -1)
+    return out.transpose(0, 1) if batch_first else out
+
 
 def lstm_unrolled(x, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
                   bidirectional: bool, batch_first: bool):
     """``aten.lstm.input`` (same arguments, same ``(output, h_n, c_n)``) as straight-line ops.
-    ``params`` per layer and direction: ``w_ih [4H, in], w_hh [4H, H]`` and, with biases,
-    ``b_ih, b_hh [4H]``; projections (``proj_size``) are not supported."""
-    per = 4 if has_biases else 2
-    directions = 2 if bidirectional else 1
-    if len(params) != per * num_layers * directions:
-        raise ExportError("LSTM with proj_size cannot be unrolled for the .pte; export .onnx, or use proj_size=0")
+    ``params`` per layer and direction: ``w_ih [4H, in], w_hh [4H, H]`` (a tensor, or int8 codes and
+    their qparams: ``_linear``) and, with biases, ``b_ih, b_hh [4H]``; projections (``proj_size``)
+    are not supported."""
     h0, c0 = hx
-    hidden = h0.shape[-1]
-    steps = x.shape[1] if batch_first else x.shape[0]
-    if not isinstance(steps, int):
-        raise ExportError("an LSTM's time dimension cannot be dynamic in a .pte (the recurrence is unrolled): "
-                          "export with a fixed sequence length, or export .onnx, whose LSTM op takes any length")
-    seq = x if batch_first else x.transpose(0, 1)                          # [B, T, in]
+    per, directions, hidden, steps, batch, rows = _layout("LSTM", x, h0, params, has_biases, num_layers,
+                                                          bidirectional, batch_first)
     h_n, c_n = [], []
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
             w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
-            projected = F.linear(seq, w_ih, biases[0] if has_biases else None)   # every step's input gates at once
+            projected = _linear(rows, w_ih, biases[0] if has_biases else None)   # every step's input gates at once
             if has_biases:   # added, not folded: XNNPACK's linear needs its bias a constant, not b_ih + b_hh
                 projected = projected + biases[1]
             h, c = h0[k:k + 1].reshape(-1, hidden), c0[k:k + 1].reshape(-1, hidden)   # slices: XNNPACK has no select
             order = range(steps - 1, -1, -1) if direction else range(steps)
             hs: list = [None] * steps
             for t in order:
-                gates = projected[:, t:t + 1, :].reshape(-1, 4 * hidden) + F.linear(h, w_hh)
-                i = torch.sigmoid(gates[:, :hidden])
-                f = torch.sigmoid(gates[:, hidden:2 * hidden])
+                gates = projected[t * batch:(t + 1) * batch] + _linear(h, w_hh)
+                sig = torch.sigmoid(gates)   # one op for the i, f, o gates (g's share is unused)
                 g = torch.tanh(gates[:, 2 * hidden:3 * hidden])
-                o = torch.sigmoid(gates[:, 3 * hidden:])
-                c = f * c + i * g
-                h = o * torch.tanh(c)
-                hs[t] = h.reshape(-1, 1, hidden)
-            outputs.append(torch.cat(hs, dim=1))
+                c = sig[:, hidden:2 * hidden] * c + sig[:, :hidden] * g
+                h = sig[:, 3 * hidden:] * torch.tanh(c)
+                hs[t] = h
+            outputs.append(torch.cat(hs, dim=0))
             h_n.append(h.reshape(1, -1, hidden))
             c_n.append(c.reshape(1, -1, hidden))
-        seq = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        rows = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
         if train and dropout and layer < num_layers - 1:
-            seq = F.dropout(seq, dropout, training=True)
-    out = seq if batch_first else seq.transpose(0, 1)
-    return out, torch.cat(h_n, dim=0), torch.cat(c_n, dim=0)
+            rows = F.dropout(rows, dropout, training=True)
+    return _sequence(rows, steps, batch, batch_first), torch.cat(h_n, dim=0), torch.cat(c_n, dim=0)
+
+
+def gru_unrolled(x, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
+                 bidirectional: bool, batch_first: bool):
+    """``aten.gru.input`` (same arguments, same ``(output, h_n)``) as straight-line ops. ``params``
+    per layer and direction: ``w_ih [3H, in], w_hh [3H, H]`` (gates r, z, n; a tensor or int8 codes,
+    as for ``lstm_unrolled``) and, with biases, ``b_ih, b_hh [3H]``:
+    ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = n + z * (h - n)``."""
+    per, directions, hidden, steps, batch, rows = _layout("GRU", x, hx, params, has_biases, num_layers,
+                                                          bidirectional, batch_first)
+    h_n = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
+            b_ih, b_hh = biases if has_biases else (None, None)
+            projected = _linear(rows, w_ih, b_ih)
+            h = hx[k:k + 1].reshape(-1, hidden)
+            order = range(steps - 1, -1, -1) if direction else range(steps)
+            hs: list = [None] * steps
+            for t in order:
+                xi = projected[t * batch:(t + 1) * batch]
+                hh = _linear(h, w_hh, b_hh)   # b_hn stays inside r * (...): the bias is the linear's own
+                rz = torch.sigmoid(xi[:, :2 * hidden] + hh[:, :2 * hidden])
+                n = torch.tanh(xi[:, 2 * hidden:] + rz[:, :hidden] * hh[:, 2 * hidden:])
+                h = n + rz[:, hidden:] * (h - n)
+                hs[t] = h
+            outputs.append(torch.cat(hs, dim=0))
+            h_n.append(h.reshape(1, -1, hidden))
+        rows = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        if train and dropout and layer < num_layers - 1:
+            rows = F.dropout(rows, dropout, training=True)
+    return _sequence(rows, steps, batch, batch_first), torch.cat(h_n, dim=0)
 
 
 class UnrolledLSTM(nn.Module):
@@ -78,15 +157,7 @@ class UnrolledLSTM(nn.Module):
 
     def forward(self, x, hx=None):
         lstm = self.lstm
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0 if lstm.batch_first else 1)
-        batch = x.shape[0] if lstm.batch_first else x.shape[1]
-        if hx is None:
-            zeros = x.new_zeros(lstm.num_layers * (2 if lstm.bidirectional else 1), batch, lstm.hidden_size)
-            hx = (zeros, zeros)
-        elif unbatched:
-            hx = tuple(h.unsqueeze(1) for h in hx)
+        x, hx, unbatched = _batched(lstm, x, hx, pair=True)
         out, h, c = lstm_unrolled(x, hx, lstm._flat_weights, lstm.bias, lstm.num_layers, lstm.dropout,
                                   self.training, lstm.bidirectional, lstm.batch_first)
         if unbatched:
@@ -94,31 +165,132 @@ class UnrolledLSTM(nn.Module):
         return out, (h, c)
 
 
-def unroll_lstms(model: nn.Module) -> nn.Module:
-    """``model`` with every LSTM unrolled (a shallow copy; ``model`` itself is unchanged), or
-    ``model`` when it has none."""
-    if isinstance(model, torch.fx.GraphModule):
-        nodes = [n for n in model.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.lstm.input]
-        if not nodes:
+class UnrolledGRU(nn.Module):
+    """An ``nn.GRU``'s parameters (shared, not copied) with the unrolled forward."""
+
+    def __init__(self, gru: nn.GRU) -> None:
+        super().__init__()
+        self.gru = gru
+
+    def forward(self, x, hx=None):
+        gru = self.gru
+        x, hx, unbatched = _batched(gru, x, hx, pair=False)
+        out, h = gru_unrolled(x, hx, gru._flat_weights, gru.bias, gru.num_layers, gru.dropout, self.training,
+                              gru.bidirectional, gru.batch_first)
+        if unbatched:
+            out, h = out.squeeze(0 if gru.batch_first else 1), h.squeeze(1)
+        return out, h
+
+
+def _batched(rnn: nn.RNNBase, x, hx, *, pair: bool):
+    """``x`` with a batch dimension, the initial state (zeros when ``None``; ``(h, c)`` when
+    ``pair``) batched alike, and whether the input was unbatched."""
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0 if rnn.batch_first else 1)
+    batch = x.shape[0] if rnn.batch_first else x.shape[1]
+    if hx is None:
+        zeros = x.new_zeros(rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
+        hx = (zeros, zeros) if pair else zeros
+    elif unbatched:
+        hx = tuple(h.unsqueeze(1) for h in hx) if pair else hx.unsqueeze(1)
+    return x, hx, unbatched
+
+
+_UNROLLED = {torch.ops.aten.lstm.input: lstm_unrolled, torch.ops.aten.gru.input: gru_unrolled}
+_MODULES = {nn.LSTM: UnrolledLSTM, nn.GRU: UnrolledGRU}
+
+
+def unroll_recurrent(model: nn.Module) -> nn.Module:
+    """``model`` with every LSTM and GRU unrolled (a shallow copy; ``model`` itself is unchanged),
+    or ``model`` when it has none.
+
+    In a captured graph, a cell whose weight matrices are all int8 (``int8_weights``) is handed
+    their codes and qparams, so that each unrolled ``linear`` is a qd8-f32-qc8w GEMM (``_linear``)
+    — except the first layer's input projection, whose weight is dequantized here into a float
+    constant (4x that matrix's bytes) and computed in float: its input is whatever the model
+    feeds the cell, which one int8 scale per row may not hold (Resemblyzer's power mel spans four
+    decades: rounding it per row took the embeddings' cosine to fp32 from 0.995 to 0.795). The
+    recurrent state (in [-1, 1]) and the deeper layers' inputs are rounded per row: the
+    embeddings' cosine to the weight-only graph stays 0.99994 (eager, the 32 evaluation partials)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        names = [name for name, m in model.named_modules() if type(m) in _MODULES]
+        if not names:
             return model
-        graph = torch.fx.Graph()
-        graph._codegen = model.graph._codegen                 # an exported module's pytree in/out specs
-        graph.output(graph.graph_copy(model.graph, {}))
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target is torch.ops.aten.lstm.input:
-                node.target = lstm_unrolled
-        return torch.fx.GraphModule(model, graph)             # shares the weights, owns the new graph
-    names = [name for name, m in model.named_modules() if type(m) is nn.LSTM]
-    if not names:
+        swapped = copy.copy(model)
+        _replace(swapped, names)
+        return swapped
+    if not any(n.op == "call_function" and n.target in _UNROLLED for n in model.graph.nodes):
         return model
-    swapped = copy.copy(model)
-    _replace(swapped, names)
-    return swapped
+    graph = torch.fx.Graph()
+    graph._codegen = model.graph._codegen                 # an exported module's pytree in/out specs
+    graph.output(graph.graph_copy(model.graph, {}))
+    floats: dict[str, torch.Tensor] = {}
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _UNROLLED]:
+        if int8_weights(node):
+            per = 4 if node.args[3] else 2
+            directions = 2 if node.args[7] else 1
+            params = []
+            for index, p in enumerate(node.args[2]):
+                if not _is_int8_per_row(p):
+                    params.append(p)
+                elif index % per == 0 and index < per * directions:   # layer 0's w_ih: float (see above)
+                    name = f"_deepshrink_float_{node.name}_{index}"
+                    floats[name] = _dequantized(model, p)
+                    with graph.inserting_before(node):
+                        params.append(graph.get_attr(name))
+                else:
+                    params.append((p.args[0], p.args[1], p.args[2], p.args[4], p.args[5]))
+            node.args = (*node.args[:2], params, *node.args[3:])
+        node.target = _UNROLLED[node.target]
+    for dq in [n for n in graph.nodes if _is_int8_per_row(n) and not n.users]:
+        graph.erase_node(dq)
+    for attr in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(attr)
+    # what the new graph reads, by name: the model's tensors and modules (shared, not copied) and the
+    # float constants; the codes those replace are not carried into the file
+    root = {n.target: floats[n.target] if n.target in floats else _attr(model, n.target)
+            for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    return torch.fx.GraphModule(root, graph)
+
+
+def _attr(model: nn.Module, target: str):
+    value = model
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _dequantized(model: torch.fx.GraphModule, dq: torch.fx.Node) -> torch.Tensor:
+    """The float weight a ``dequantize_per_channel`` node of constant codes computes."""
+    codes, scales, zero_points = (_attr(model, a.target) for a in dq.args[:3])
+    return torch.ops.quantized_decomposed.dequantize_per_channel(codes, scales, zero_points, *dq.args[3:]).detach()
+
+
+unroll_lstms = unroll_recurrent   # the name deploy.api imports
+
+
+def int8_weights(node: torch.fx.Node) -> bool:
+    """Whether every weight matrix (``w_ih``, ``w_hh``; not the biases) of an ``aten.lstm``/``aten.gru``
+    node is int8 codes dequantized per output row — what ``annotate_recurrent`` leaves after
+    ``convert_pt2e``. A cell with any float weight matrix stays float."""
+    params, has_biases = node.args[2], node.args[3]
+    per = 4 if has_biases else 2
+    weights = [p for i, p in enumerate(params) if i % per < 2]
+    return bool(weights) and all(_is_int8_per_row(w) for w in weights)
+
+
+def _is_int8_per_row(node) -> bool:
+    # by name: torch.ops.quantized_decomposed exists only once torchao is imported
+    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
+            and str(node.target) == "quantized_decomposed.dequantize_per_channel.default"
+            and node.args[3] == 0 and node.args[6] == torch.int8
+            and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.args[:3]))   # constant codes
 
 
 def _replace(root: nn.Module, names: list[str]) -> None:
-    """Swap the LSTMs at ``names`` for unrolled ones, copying (shallowly) each module on the path so
-    the original tree is left as it was."""
+    """Swap the LSTMs and GRUs at ``names`` for unrolled ones, copying (shallowly) each module on
+    the path so the original tree is left as it was."""
     root._modules = dict(root._modules)
     for name in names:
         parent, path = [root], name.split(".")
@@ -127,4 +299,71 @@ def _replace(root: nn.Module, names: list[str]) -> None:
             child._modules = dict(child._modules)
             parent[-1]._modules[part] = child
             parent.append(child)
-        parent[-1]._modules[path[-1]] = UnrolledLSTM(parent[-1]._modules[path[-1]])
+        module = parent[-1]._modules[path[-1]]
+        parent[-1]._modules[path[-1]] = _MODULES[type(module)](module)
+
+
+_ONNX_CELLS = {"LSTM", "GRU", "RNN"}
+_ONNX_LAYOUT_OPS = {"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Split", "Identity"}
+
+
+def foldable_recurrent_weights(model) -> int:
+    """In an ``onnx_ir`` model, rewrite each ``DequantizeLinear`` of an int8 initializer (zero points
+    all 0) that feeds only the ``W``/``R`` inputs of ``LSTM``/``GRU`` nodes (through the exporter's
+    gate-reordering ``Slice``/``Concat``/``Unsqueeze``) as ``Cast`` to float times the scales. The
+    values are the same (``DequantizeLinear`` computes ``q * scale`` too) and the file still holds
+    the int8 codes; but ONNX Runtime never constant-folds ``DequantizeLinear`` (it keeps it for its
+    QDQ fusions), so the cell got a computed weight and re-packed it on every call — 27 ms against
+    fp32's 18 ms for Resemblyzer's 3-layer LSTM. ``Cast``/``Mul`` of initializers fold when the
+    session loads: the cell runs on constant float weights, as fast as the fp32 file. Returns how
+    many weights were rewritten."""
+    import numpy as np
+    import onnx_ir as ir
+
+    rewritten = 0
+    for node in list(model.graph):
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        codes, scale, zero = (list(node.inputs) + [None, None])[:3]
+        if codes is None or not codes.is_initializer() or codes.const_value is None or codes.const_value.dtype != ir.DataType.INT8:
+            continue
+        if scale is None or scale.const_value is None or not _feeds_cells_only(node.outputs[0], _ONNX_CELLS, _ONNX_LAYOUT_OPS):
+            continue
+        if zero is not None and (zero.const_value is None or np.any(zero.const_value.numpy())):
+            continue
+        scales = scale.const_value.numpy().astype(np.float32)
+        if scales.ndim == 1 and scales.size > 1:   # per-axis: broadcast along the quantized axis
+            axis = node.attributes["axis"].value if "axis" in node.attributes else 1
+            shape = [1] * len(codes.const_value.shape)
+            shape[axis] = scales.size
+            scales = scales.reshape(shape)
+        factors = ir.Value(name=f"{codes.name}_scales", const_value=ir.tensor(scales))
+        model.graph.register_initializer(factors)
+        cast = ir.node("Cast", [codes], attributes={"to": ir.DataType.FLOAT})
+        mul = ir.node("Mul", [cast.outputs[0], factors])
+        model.graph.insert_before(node, [cast, mul])
+        node.outputs[0].replace_all_uses_with(mul.outputs[0])
+        model.graph.remove(node, safe=True)
+        for old in (scale, zero):
+            if old is not None and old.is_initializer() and not old.uses():
+                model.graph.initializers.pop(old.name)
+        rewritten += 1
+    return rewritten
+
+
+def _feeds_cells_only(value, cells: set, layout_ops: set) -> bool:
+    """Whether every path from ``value`` through layout ops ends at a cell's ``W`` or ``R`` input."""
+    stack, seen, reached = [value], set(), False
+    while stack:
+        for user, index in stack.pop().uses():
+            if user.domain not in ("", "ai.onnx"):
+                return False
+            if user.op_type in cells and index in (1, 2):
+                reached = True
+            elif user.op_type in layout_ops:
+                if id(user) not in seen:
+                    seen.add(id(user))
+                    stack.extend(user.outputs)
+            else:
+                return False
+    return reached

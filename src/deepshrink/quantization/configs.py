@@ -57,6 +57,10 @@ class Int8Static:
     its SQNR drops on the calibration samples (both, since a few hundred samples move agreement in
     coarse steps); ``quantize_report`` says which were kept. The guard sees calibration samples
     only: on held-out data a kept repair can still cost a few answers (``bench/results/repairs.md``).
+    LSTM and GRU weight matrices are int8 per output row too (weight-only: the graph and the
+    ``.onnx`` compute the cell in float from int8 constants; the ``.pte`` rounds each step's linear
+    input to int8 per row, XNNPACK's qd8-f32-qc8w); name the cell in ``fp32_layers`` to keep it float
+    (on the Resemblyzer example: cosine to fp32 0.9948 int8 against 0.9995 float, files 0.26x/0.36x).
     ``int8_layout``: activation dtype and weight range (``core.targets.INT8_LAYOUTS``); ``None``
     takes the target's (``s8s8`` for XNNPACK, ``u8s8-guarded`` for ONNX Runtime: int8 weights,
     7-bit only in the output channels whose pair sums ONNX Runtime's x86 kernels would saturate on

@@ -27,6 +27,7 @@ from deepshrink.core.selection import matches
 CONV_TARGETS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
 LINEAR_TARGETS = (torch.ops.aten.linear.default,)
 CLAMP_TARGETS = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default, torch.ops.aten.clamp.default)
+RECURRENT_TARGETS = (torch.ops.aten.lstm.input, torch.ops.aten.gru.input)
 PAD_TARGETS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
 BATCH_NORM_TARGETS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
                       torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.cudnn_batch_norm.default)
@@ -131,6 +132,7 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bo
             super().annotate(model)
             if embeddings:
                 annotate_embeddings(model, self.filter_fn, bits=8 if embeddings is True else int(embeddings))
+            annotate_recurrent(model, self.filter_fn, qat=self.global_config.is_qat)
             share_through_padding(model)
             drop_integer_annotations(model)
             return model
@@ -170,6 +172,41 @@ def annotate_embeddings(gm: torch.fx.GraphModule, filter_fn=None, *, bits: int =
             continue
         node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={table: spec}, _annotated=True)
         marked += 1
+    return marked
+
+
+def annotate_recurrent(gm: torch.fx.GraphModule, filter_fn=None, *, qat: bool = False) -> int:
+    """Mark the weight matrices (``w_ih``, ``w_hh`` of every layer and direction; the biases stay
+    float) of every ``aten.lstm`` / ``aten.gru`` for weight-only int8, one symmetric scale per output
+    row (axis 0), range ±127. XNNPACK's quantizer has no recurrent pattern, so without this an LSTM
+    stays float through every int8 scheme. After ``convert_pt2e`` the cell reads int8 constants
+    through ``dequantize_per_channel``: ONNX keeps its ``LSTM``/``GRU`` op on ``DequantizeLinear``'d
+    weights; the ``.pte`` unrolls it into qd8-f32-qc8w linears (``deploy.recurrent``). ``qat``: the
+    weights are fake-quantized while training, so training sees the rounding the file applies.
+    A cell ``filter_fn`` rejects (``fp32_layers``) stays float. Returns how many matrices were marked."""
+    from torchao.quantization.pt2e import FakeQuantize
+    from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    observer = PerChannelMinMaxObserver.with_args(eps=2**-12)
+    if qat:
+        observer = FakeQuantize.with_args(observer=PerChannelMinMaxObserver, eps=2**-12)   # range, axis: from the spec
+    spec = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
+                            ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=observer)
+    marked = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in RECURRENT_TARGETS:
+            continue
+        if filter_fn is not None and not filter_fn(node):
+            continue
+        params, has_biases = node.args[2], node.args[3]
+        per = 4 if has_biases else 2
+        weights = [p for i, p in enumerate(params) if i % per < 2]
+        if not all(isinstance(w, Node) and w.op == "get_attr" for w in weights):   # computed weights stay float
+            continue
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={w: spec for w in weights}, _annotated=True)
+        marked += len(weights)
     return marked
 
 
