@@ -36,6 +36,7 @@ from deepshrink.pipeline.stages import initial_model
 # bert-minilm-sized: the BERT example at the real sentence encoder's size (random weights): the file ratios there
 EXAMPLES = ["crepe-tiny", "bert", "bert-minilm-sized", "speaker-encoder", "mtcnn-onet"]
 OUT = REPO / "bench" / ".cache" / "examples"
+RESULT = REPO / "bench" / "results" / "examples.md"
 
 
 def run_recipe_cli(name: str) -> dict:
@@ -88,7 +89,7 @@ def main() -> None:
         sys.exit(f"bench/examples.py: {', '.join(missing)} not installed; run `make examples` first")
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections: dict[str, str] = {}
     for name in sys.argv[1:] or EXAMPLES:
         recipe = load_recipe(REPO / "examples" / "recipes" / f"{name}.yaml")
         metrics = run_recipe_cli(name)
@@ -136,20 +137,37 @@ def main() -> None:
         shipped = metrics.get("shipped") or {}
         if shipped:
             rows.append(f"| **shipped** (the recipe's objective {shipped['objective']}): {shipped['variant']} | | | {shipped['why']} | | | |")
-        sections.append(f"### {name} (`examples/recipes/{name}.yaml`; {len(eval_batches)} eval samples; figure: {headline})\n\n"
-                        "| variant | runtime | " + str(headline) + " | fidelity figures | bytes | × fp32 file | latency median ms |\n"
-                        "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows))
+        sections[name] = (f"### {name} (`examples/recipes/{name}.yaml`; {len(eval_batches)} eval samples; figure: {headline})\n\n"
+                          f"{provenance(f'python bench/examples.py {name}', threads=1)}\n\n"
+                          "| variant | runtime | " + str(headline) + " | fidelity figures | bytes | × fp32 file | latency median ms |\n"
+                          "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows))
+    # a run of some examples replaces their sections and keeps the others' (each says how it was made)
+    kept = _sections(RESULT.read_text()) if RESULT.is_file() else {}
+    merged = {n: sections.get(n) or kept.get(n) for n in EXAMPLES if sections.get(n) or kept.get(n)}
     text = f"""# Example models: our int8 beside the runtimes' own, fidelity in each runtime
 
-{provenance(" ".join(["python bench/examples.py", *sys.argv[1:]]), threads=1)}
-- one run; fidelity against the fp32 eager model on each recipe's eval samples (never the calibration ones),
+- one section per example recipe, each with its own provenance (command, commit, CPU, load): a run of
+  `python bench/examples.py NAME ...` replaces those sections only
+- fidelity against the fp32 eager model on each recipe's eval samples (never the calibration ones),
   measured through each file in its runtime; latency of our variants from the recipe's evaluate stage
-  (batch 1, interleaved); the peers' files are not timed in this table.
+  (batch 1, interleaved); the peers' files are not timed in this table; "× fp32 file": bytes against our
+  fp32 file of the same runtime
 
-{(chr(10) + chr(10)).join(sections)}
+{(chr(10) + chr(10)).join(merged.values())}
 """
-    (REPO / "bench" / "results" / "examples.md").write_text(text)
+    RESULT.write_text(text)
     print(text)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """``### name`` sections of an examples.md, by example name (a file of the old one-run format has
+    no per-section provenance: its sections are not kept)."""
+    out = {}
+    for part in text.split("\n### ")[1:]:
+        name = part.split(" ", 1)[0]
+        if "- command: `python bench/examples.py " + name in part:
+            out[name] = "### " + part.rstrip()
+    return out
 
 
 def _fmt(value) -> str:
