@@ -35,13 +35,14 @@ def test_saturation_count_does_not_depend_on_clamping():
     assert bool((saturated < exact).all())
 
 
-def test_pair_peaks_are_the_largest_pair_sum_per_weight_row():
+def test_pair_peaks_are_exact_above_the_threshold_and_bounded_below_it():
     g = torch.Generator().manual_seed(2)
-    a = torch.randint(0, 256, (40, 18), generator=g)
-    w = torch.randint(-127, 128, (6, 18), generator=g)
-    w[5] = torch.randint(-3, 4, (18,), generator=g)                  # a row too small to come near int16
-    peaks = pair_peaks(a, w, chunk=7)                                 # chunking must not change the result
-    exact = pair_sums(a, w).abs().amax((0, 1))
-    assert torch.equal(peaks[:5], exact[:5].long())
-    # the small row gets its bound 2 * max(a) * max|w| instead of an exact peak: never below it
-    assert peaks[5] == 2 * int(a.max()) * int(w[5].abs().max()) >= exact[5]
+    a = torch.randint(0, 256, (40, 19), generator=g)                  # odd K: the last weight pairs with zero
+    w = torch.randint(-127, 128, (6, 19), generator=g)
+    w[5] = torch.randint(-3, 4, (19,), generator=g)                  # a row too small to come near int16
+    exact = pair_sums(a, w).abs().amax((0, 1)).long()
+    for above in (0, 10_000, INT16_MAX):
+        peaks = pair_peaks(a, w, above=above, chunk=7)               # chunking must not change the result
+        assert torch.equal(peaks[exact > above], exact[exact > above])
+        assert bool((peaks[exact <= above] <= above).all()) and bool((peaks >= exact).all())
+    assert torch.equal(pair_peaks(a, w, above=0), exact)              # above 0: every peak exact

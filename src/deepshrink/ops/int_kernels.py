@@ -58,20 +58,30 @@ def u8s8_dot(a_u8: torch.Tensor, w_s8: torch.Tensor, *, saturate_pairs: bool, ch
     return torch.cat(out), clipped
 
 
-def pair_peaks(a_u8: torch.Tensor, w_s8: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+def pair_peaks(a_u8: torch.Tensor, w_s8: torch.Tensor, *, above: int = INT16_MAX // 2, chunk: int = 256) -> torch.Tensor:
     """``[M]`` int64: per weight row, the largest ``|pair sum|`` the rows of ``a_u8`` ``[N, K]`` form
-    with it (what must stay within int16 for ``vpmaddubsw`` not to clip). Rows whose extremes
-    cannot reach half of int16 get that bound instead of an exact peak (cheap, and never an
-    underestimate)."""
+    with it (what must stay within int16 for ``vpmaddubsw`` not to clip) — exact wherever it is above
+    ``above``; elsewhere a bound that is itself at most ``above``. Only the pairs whose bound
+    ``max(a) * (|w_k| + |w_k+1|)`` passes ``above`` are computed, which on trained weights is a small
+    part of ``N x K/2 x M``."""
+    m, k = w_s8.shape
+    if k % 2:
+        a_u8 = torch.nn.functional.pad(a_u8, (0, 1))
+        w_s8 = torch.nn.functional.pad(w_s8, (0, 1))
     a_max = int(a_u8.max()) if a_u8.numel() else 0
-    bound = 2 * a_max * w_s8.to(torch.int64).abs().amax(1)
-    near = bound > INT16_MAX // 2
-    if a_u8.numel() == 0 or not bool(near.any()):
-        return bound
-    rows = near.nonzero().flatten()
-    peak = torch.zeros(len(rows), dtype=torch.float32)
-    for start in range(0, a_u8.shape[0], chunk):
-        pairs = pair_sums(a_u8[start:start + chunk], w_s8[rows])
-        peak = torch.maximum(peak, pairs.abs().amax((0, 1)))
-    bound[rows] = peak.round().to(torch.int64)
-    return bound
+    w = w_s8.to(torch.float32).reshape(m, -1, 2)                              # [M, K/2, 2]
+    bounds = a_max * w.abs().sum(-1)                                           # [M, K/2]
+    danger = bounds > above
+    peak = torch.where(danger, torch.zeros_like(bounds), bounds).amax(1) if bounds.numel() else torch.zeros(m)
+    if not bool(danger.any()):
+        return peak.round().to(torch.int64)
+    rows, pairs = danger.nonzero(as_tuple=True)
+    w0, w1 = w[rows, pairs, 0], w[rows, pairs, 1]
+    a = a_u8.to(torch.float32).reshape(a_u8.shape[0], -1, 2)                  # [N, K/2, 2]
+    exact = torch.zeros(len(rows))
+    for start in range(0, a.shape[0], chunk):
+        block = a[start:start + chunk]
+        sums = block[:, pairs, 0] * w0 + block[:, pairs, 1] * w1                # [n, dangerous pairs]: exact integers
+        exact = torch.maximum(exact, sums.abs().amax(0))
+    peak = peak.scatter_reduce(0, rows, exact, reduce="amax")
+    return peak.round().to(torch.int64)

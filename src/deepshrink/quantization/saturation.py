@@ -69,7 +69,7 @@ def _quantized_operands(node: Node):
 
 
 class _Emulator(Interpreter):
-    def __init__(self, gm: GraphModule, report: SaturationReport, saturate: bool, peaks: bool = False) -> None:
+    def __init__(self, gm: GraphModule, report: SaturationReport, saturate: bool, peaks: int | None = None) -> None:
         super().__init__(gm, garbage_collect_values=False)   # the codes behind each dequantize are read back
         self.report, self.saturate, self.peaks = report, saturate, peaks
 
@@ -96,7 +96,7 @@ class _Emulator(Interpreter):
             a = a_u8.reshape(-1, a_u8.shape[-1])
             w = w_codes.reshape(w_codes.shape[0], -1)
             delta, pairs, clipped = self._delta(a, w)
-            self._peak(node.name, [pair_peaks(a, w)] if self.peaks else None)
+            self._peak(node.name, [pair_peaks(a, w, above=self.peaks)] if self.peaks is not None else None)
             self.report.pairs[node.name] = self.report.pairs.get(node.name, 0) + pairs
             self.report.saturated[node.name] = self.report.saturated.get(node.name, 0) + clipped
             correction = delta.to(out.dtype) * x_scale * w_scale.reshape(1, -1).to(out.dtype)
@@ -115,6 +115,8 @@ class _Emulator(Interpreter):
         return value.reshape(-1)[0].item() if isinstance(value, torch.Tensor) else value
 
     def _delta(self, a: torch.Tensor, w: torch.Tensor):
+        if self.peaks is not None and not self.saturate:   # peaks alone: no per-pair count (the costly part)
+            return torch.zeros((a.shape[0], w.shape[0]), dtype=torch.int64), 0, 0
         exact, clipped = u8s8_dot(a, w, saturate_pairs=False)
         if clipped and self.saturate:
             saturated, _ = u8s8_dot(a, w, saturate_pairs=True)
@@ -156,9 +158,9 @@ class _Emulator(Interpreter):
             delta, pairs, clipped = self._delta(rows, weights[g])
             deltas.append(delta.reshape(n, length, m // groups))
             total_pairs, total_clipped = total_pairs + pairs, total_clipped + clipped
-            if self.peaks:
-                peaks.append(pair_peaks(rows, weights[g]))
-        self._peak(node.name, peaks if self.peaks else None)
+            if self.peaks is not None:
+                peaks.append(pair_peaks(rows, weights[g], above=self.peaks))
+        self._peak(node.name, peaks if self.peaks is not None else None)
         self.report.pairs[node.name] = self.report.pairs.get(node.name, 0) + total_pairs
         self.report.saturated[node.name] = self.report.saturated.get(node.name, 0) + total_clipped
         delta = torch.cat(deltas, dim=2).permute(0, 2, 1).reshape(out_view.shape).to(out.dtype)
@@ -166,11 +168,13 @@ class _Emulator(Interpreter):
         return correction.squeeze(2) if one_d else correction
 
 
-def emulate_x86_without_vnni(gm: GraphModule, inputs, *, saturate: bool = True, peaks: bool = False):
+def emulate_x86_without_vnni(gm: GraphModule, inputs, *, saturate: bool = True, peaks: int | None = None):
     """The graph's output (a tensor, or a tuple for several) as ONNX Runtime's AVX2 u8 x s8
     kernels would compute it, and the count of saturated pair sums per layer. ``inputs`` is a
     ``core.samples`` batch. ``saturate=False`` gives the exact (VNNI) arithmetic with the same counts.
-    ``peaks=True`` also records each output channel's largest |pair sum| (``SaturationReport.peaks``)."""
+    ``peaks=N`` records each output channel's largest |pair sum| (``SaturationReport.peaks``), exact
+    where above N (``ops.int_kernels.pair_peaks``); with ``saturate=False`` it then skips the per-pair
+    counts (``pairs``/``saturated`` stay 0) and returns the exact arithmetic."""
     from deepshrink.core import samples as S
     from deepshrink.core.outputs import output_tensors
 

@@ -65,7 +65,7 @@ def guard_weight_range(converted: GraphModule, weights: dict[str, torch.Tensor] 
     peaks: dict[str, torch.Tensor] = {}
     rounds = 0
     for rounds in range(1, _MAX_ROUNDS + 1):
-        peaks = _peaks(converted, batches, emulate_x86_without_vnni, desc=f"saturation check {rounds}")
+        peaks = _peaks(converted, batches, emulate_x86_without_vnni, above=limit, desc=f"saturation check {rounds}")
         changed = 0
         for name, peak in peaks.items():
             node = _node(converted, name)
@@ -108,10 +108,10 @@ def describe(report: dict) -> str:
             f"(pair sums above {report['margin']:.2f} x int16 on the calibration samples); the rest keep 8")
 
 
-def _peaks(gm: GraphModule, batches: list, emulate, *, desc: str) -> dict[str, torch.Tensor]:
+def _peaks(gm: GraphModule, batches: list, emulate, *, above: int, desc: str) -> dict[str, torch.Tensor]:
     merged: dict[str, torch.Tensor] = {}
     for batch in progress(batches, desc):
-        _, report = emulate(gm, batch, saturate=False, peaks=True)
+        _, report = emulate(gm, batch, saturate=False, peaks=above)
         for name, peak in report.peaks.items():
             merged[name] = peak if name not in merged else torch.maximum(merged[name], peak)
     return merged
