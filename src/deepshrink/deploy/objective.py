@@ -97,11 +97,7 @@ def choose_by_latency(
             built["mixed"] = build("mixed", slower)
             medians = _medians({k: files[k] for k in built}, x1, runs, warmup)   # the mix beside fp32 and int8, in one run
         sizes = {label: files[label].stat().st_size for label in built}
-    fastest = min(built, key=lambda k: medians[k])
-    if objective == "latency":
-        chosen = fastest
-    else:
-        chosen = min((k for k in built if medians[k] <= (1 + TIE) * medians[fastest]), key=lambda k: sizes[k])
+    chosen = pick(objective, sizes, {k: medians[k] for k in built})
     record = {
         "objective": objective, "runtime_format": suffix[1:], "chosen": chosen,
         "fp32_layers": list(slower) if chosen == "mixed" else [] if chosen == "int8" else layers,
@@ -111,6 +107,20 @@ def choose_by_latency(
     log(f"      objective {objective}: chose the {chosen} model — " + ", ".join(
         f"{k} {1e3 * medians[k]:.1f} µs / {sizes[k]:,} B" for k in built))
     return built[chosen], record
+
+
+def pick(objective: str, sizes: dict[str, int], medians: dict[str, float | None]) -> str:
+    """The label ``objective`` ships among files measured by ``sizes`` (bytes) and ``medians``
+    (seconds or ms; ``None`` for an untimed file): ``size`` the smallest (ties: the faster),
+    ``latency`` the fastest (ties: the smaller), ``balanced`` the smallest within ``TIE`` of the
+    fastest. Without timings every objective falls back to ``size``."""
+    timed = {k: m for k, m in medians.items() if m}
+    if objective == "latency" and timed:
+        return min(timed, key=lambda k: (timed[k], sizes[k]))
+    if objective == "balanced" and timed:
+        fastest = min(timed.values())
+        return min((k for k in timed if timed[k] <= (1 + TIE) * fastest), key=lambda k: (sizes[k], timed[k]))
+    return min(sizes, key=lambda k: (sizes[k], timed.get(k, float("inf"))))
 
 
 def _medians(files: dict[str, Path], x1, runs: int, warmup: int) -> dict[str, float]:

@@ -2,9 +2,9 @@
 
 A graph quantized for XNNPACK (signed int8 activations: the ``s8s8*`` layouts, also what a
 ``.pte`` + ``.onnx`` recipe shares) reaches ONNX Runtime as ``QuantizeLinear -> DequantizeLinear``
-pairs with int8 zero points. ONNX Runtime's x86 QLinearConv runs s8 activations on a slower path:
-the zoo's mobile-cnn took 139.6 µs in s8s8 against 77.9 µs in u8s8 in one interleaved run (the
-weights, int8 either way, are not the difference).
+pairs with int8 zero points. ONNX Runtime's x86 QLinearConv runs s8 activations on a slower path
+(the zoo's mobile-cnn about 2x slower than the same file rewritten, in one ad-hoc run on an
+AVX-512 VNNI EPYC; no benchmark table measures it).
 
 ``unsigned_activations`` rewrites each such pair to uint8 with the zero point plus 128. That is
 exact: ``clamp(round(x / s) + z, -128, 127) + 128 == clamp(round(x / s) + z + 128, 0, 255)``, and

@@ -68,31 +68,29 @@ def build_metrics(state, ctx, evaluate_config) -> dict:
     }
 
 
-BALANCED_SLACK = 0.05   # as deploy.objective: "balanced" ships the smallest file within 5 % of the fastest
-
-
 def choose_shipped(variants: dict[str, dict], objective: str = "size") -> dict | None:
     """The one file a phone app would ship, among the compressed runtime files whose export parity
-    passed, by the recipe's ``objective``: ``size`` the smallest (ties: the faster), ``latency`` the
-    fastest median, ``balanced`` the smallest within 5 % of the fastest. ``None`` when there is none."""
+    passed, by the recipe's ``objective`` (``deploy.objective.pick``: ``size`` the smallest,
+    ``latency`` the fastest median, ``balanced`` the smallest within 5 % of the fastest). ``None``
+    when there is none."""
+    from deepshrink.deploy.objective import TIE, pick
+
     candidates = {label: v for label, v in variants.items()
                   if v.get("role") == "compressed" and v.get("format") in ("pte", "onnx") and v.get("file_bytes")
                   and v.get("parity_passed") is not False}
     if not candidates:
         return None
-    timed = {label: v["latency_ms_median"] for label, v in candidates.items() if v.get("latency_ms_median")}
-    size = lambda label: (candidates[label]["file_bytes"], timed.get(label, math.inf))   # noqa: E731
+    sizes = {label: v["file_bytes"] for label, v in candidates.items()}
+    medians = {label: v.get("latency_ms_median") for label, v in candidates.items()}
+    label = pick(objective, sizes, medians)
+    timed = [m for m in medians.values() if m]
     if objective == "latency" and timed:
-        label = min(timed, key=lambda k: (timed[k], candidates[k]["file_bytes"]))
-        why = f"the fastest runtime file ({1000 * timed[label]:.1f} µs median, batch 1)"
+        why = f"the fastest runtime file ({1000 * medians[label]:.1f} µs median, batch 1)"
     elif objective == "balanced" and timed:
-        fastest = min(timed.values())
-        label = min((k for k in timed if timed[k] <= (1 + BALANCED_SLACK) * fastest), key=size)
-        why = (f"the smallest runtime file ({candidates[label]['file_bytes']:,} B) within {BALANCED_SLACK:.0%} of the fastest "
-               f"({1000 * timed[label]:.1f} µs against {1000 * fastest:.1f} µs)")
+        why = (f"the smallest runtime file ({sizes[label]:,} B) within {TIE:.0%} of the fastest "
+               f"({1000 * medians[label]:.1f} µs against {1000 * min(timed):.1f} µs)")
     else:
-        label = min(candidates, key=size)
-        why = f"the smallest runtime file ({candidates[label]['file_bytes']:,} B)"
+        why = f"the smallest runtime file ({sizes[label]:,} B)"
     others = len(candidates) - 1
     return {"variant": label, "objective": objective,
             "why": why + " whose export parity passed" + (f", of {others + 1} candidates" if others else "")}

@@ -46,8 +46,9 @@ class Int8Static:
     observer's, every code moves by at most 1, and a layer keeps the learned codes only where they
     reconstruct better. Its cost is training: 400 steps per layer (mobile-cnn, 18 layers: 25-49 s
     on one thread of a shared 2-core machine). It runs after equalization and before bias
-    correction. On mobile-cnn (Fashion-MNIST) it mattered most on ONNX Runtime's 7-bit weights:
-    98.95 -> 99.45 % top-1 agreement with fp32 in the .onnx; .pte 99.53 -> 99.54 %.
+    correction. On mobile-cnn (Fashion-MNIST, ``bench/results/repairs.md``) it mattered most in
+    ONNX Runtime's guarded layout: 99.13 -> 99.43 % top-1 agreement with fp32 in the .onnx; .pte
+    99.53 -> 99.54 %.
     ``equalization``: cross-layer equalization before quantization: ``cle`` rescales
     conv/linear pairs joined by ReLU (exact in float) and skips, with the reason recorded, the
     pairs joined by a clip (ReLU6, hardtanh, clamp): scaling across a clip changes the float
