@@ -1,4 +1,4 @@
-"""PTQ repairs (cross-layer equalization, AdaRound, bias correction) on the zoo's mobile-cnn, in both runtimes.
+"""PTQ repairs (cross-layer equalization, AdaRound, bias correction, mixed precision) on the zoo's mobile-cnn, in both runtimes.
 
     .venv/bin/python bench/repairs.py      # ~12-15 min on a shared 2-core machine; writes bench/results/repairs.md
 
@@ -6,7 +6,7 @@ The dense zoo ``mobile-cnn`` trained on Fashion-MNIST (3 epochs, 1 thread, seed 
 bench/.cache/repairs), then ``Int8Static`` (histogram calibration, 256 calibration samples from the
 train split) with each repair setting on and off — none, ``cle``, bias correction, both,
 ``cle_relu6_as_relu``, it plus bias correction, AdaRound (``rounding="adaround"``), AdaRound plus
-bias correction — quantized once for XNNPACK (exported .pte) and
+bias correction, mixed precision by measured sensitivity (``MixedPrecision()``), AdaRound plus it — quantized once for XNNPACK (exported .pte) and
 once for ONNX Runtime (exported .onnx). Each repair is guarded inside ``quantize`` (kept only if
 int8 fidelity to the float model on the calibration samples does not drop); the table records what
 the guard did. Every file, and the fp32 .pte and .onnx of the dense model, is measured in its
@@ -27,8 +27,9 @@ from common import REPO, SHARED_DATA, provenance
 import deepshrink
 from deepshrink.deploy import export
 from deepshrink.evaluation.compare import evaluate_many
+from deepshrink.quantization.mixed_precision import mixed_precision_line
 from deepshrink.models import create, load, save_checkpoint
-from deepshrink.quantization import Int8Static, quantize
+from deepshrink.quantization import Int8Static, MixedPrecision, quantize
 from deepshrink.training import TrainConfig, accuracy, fit
 
 THREADS = 1
@@ -46,6 +47,8 @@ SETTINGS = {
     "`cle_relu6_as_relu` + bias correction": {"equalization": "cle_relu6_as_relu", "bias_correction": True},
     "AdaRound": {"rounding": "adaround"},
     "AdaRound + bias correction": {"rounding": "adaround", "bias_correction": True},
+    "mixed precision": {"mixed_precision": MixedPrecision()},
+    "AdaRound + mixed precision": {"rounding": "adaround", "mixed_precision": MixedPrecision()},
 }
 TARGETS = {"xnnpack": ".pte", "onnxruntime": ".onnx"}
 RUNTIME = {"xnnpack": "ExecuTorch (XNNPACK)", "onnxruntime": "ONNX Runtime"}
@@ -88,6 +91,9 @@ def guard_summary(record: dict) -> str:
     bc = record.get("bias_correction")
     if bc is not None:
         parts.append(f"bias correction: {'kept' if bc.get('kept') else 'dropped'} by the guard ({len(bc.get('layers', []))} layers)")
+    mixed = record.get("mixed_precision")
+    if mixed is not None:
+        parts.append(f"mixed precision: {mixed_precision_line(mixed)}")
     return "; ".join(parts) if parts else "— (no repair asked)"
 
 
@@ -146,7 +152,8 @@ def main() -> None:
             if bc:
                 print(f"    bias_correction: { {k: v for k, v in bc.items() if k != 'layers'} }", flush=True)
             label = f"{setting} {suffix}"
-            path = CACHE / f"mobile-cnn-int8-{'-'.join(f'{k}={v}' for k, v in kwargs.items()) or 'none'}{suffix}"
+            slug = "-".join(k if isinstance(v, MixedPrecision) else f"{k}={v}" for k, v in kwargs.items()) or "none"
+            path = CACHE / f"mobile-cnn-int8-{slug}{suffix}"
             # parity="warn": a file off the module's outputs is still measured (and the miss reported) instead of lost
             result = export(q, path, example_input=example, target=target, parity="warn")
             files[label] = path
@@ -216,11 +223,14 @@ every expand, depthwise and the head), dense, on Fashion-MNIST: `fit` with `{TRA
 **{100 * eager_acc:.2f} %**; through the fp32 files in their runtimes: see the fp32 rows.
 
 Quantization: `Int8Static` (histogram calibration, 256 calibration samples from the train split, per-channel and layout
-as each target sets them: `s8s8` for XNNPACK, `u8s8-reduced` for ONNX Runtime), `quantize(copy.deepcopy(model), config,
+as each target sets them: `s8s8` for XNNPACK, `u8s8-guarded` for ONNX Runtime), `quantize(copy.deepcopy(model), config,
 data=data, target=...)` then `export(q, path, example_input=data.example_input(64), target=...)`. Each repair is guarded:
 kept only if the int8 model's fidelity to the float model on the 256 calibration samples does not drop — top-1 agreement
 AND output SQNR both at least as high as without it (`quantization.bias_correction.no_worse`); AdaRound is judged after
-the equalization decision, bias correction after both. "quantize s" is the wall time of the `quantize` call (calibration and guards included), 1 thread, shared machine.
+the equalization decision, bias correction after both. Mixed precision (`MixedPrecision()`: at most 3 layers, each
+gaining >= 0.5 dB of output SQNR, within 25 % more weight bytes) measures every int8 layer in float on the calibration
+samples after the other repairs, re-quantizes with the chosen ones float and keeps that if the output SQNR rose
+(`quantization.mixed_precision`). "quantize s" is the wall time of the `quantize` call (calibration and guards included), 1 thread, shared machine.
 
 ## Results
 

@@ -36,6 +36,7 @@ _LAZY = {
     "register_criterion": ("deepshrink.pruning", "register_criterion"),
     # quantization configs
     "Int8Static": ("deepshrink.quantization", "Int8Static"),
+    "MixedPrecision": ("deepshrink.quantization", "MixedPrecision"),
     "Int8Dynamic": ("deepshrink.quantization", "Int8Dynamic"),
     "Int8QAT": ("deepshrink.quantization", "Int8QAT"),
     "Int8WithinBudget": ("deepshrink.quantization", "Int8WithinBudget"),

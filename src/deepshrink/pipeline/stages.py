@@ -20,6 +20,7 @@ from deepshrink.pruning import (ChannelPruning, ScheduledPruning, finalize, laye
 from deepshrink.pruning.structured.dead import remove_dead_channels
 from deepshrink.quantization import quantize
 from deepshrink.quantization.lowbit import quantized_weights
+from deepshrink.quantization.mixed_precision import mixed_precision_line
 from deepshrink.training import TrainConfig, accuracy, fit
 
 FP32, COMPRESSED = "fp32", "compressed"
@@ -287,6 +288,9 @@ def _quantize(state: RunState, config, ctx) -> dict:
                           "macs": float_macs, **({"objective": objective} if objective else {})}
     for line in state.quantization.get("budget_steps", []):
         ctx.log(f"      budget: {line}")
+    mixed = state.quantization.get("mixed_precision")
+    if mixed:
+        ctx.log(f"      mixed precision: {mixed_precision_line(mixed)}")
     acc = _test_accuracy(state.model, ctx, state)
     lowbit = quantized_weights(state.model)
     if lowbit:

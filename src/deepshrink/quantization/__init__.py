@@ -10,12 +10,12 @@ take the loop as ``train_fn`` / ``accuracy_fn`` (``core.loops``); ``deepshrink.q
 ``deepshrink.training``'s.
 """
 from deepshrink.quantization.api import QUANTIZERS, activation_ranges, quantize, quantize_report
-from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget
+from deepshrink.quantization.configs import Int8Dynamic, Int8QAT, Int8Static, Int8WithinBudget, MixedPrecision
 from deepshrink.quantization import lowbit  # noqa: E402,F401  (registers WeightOnly, WeightQAT, Codebook)
 from deepshrink.quantization.lowbit import Codebook, Int8DynamicLowBit, WeightOnly, WeightQAT
 
 __all__ = ["quantize", "quantize_report", "activation_ranges", "QUANTIZERS", "Int8Static", "Int8Dynamic", "Int8QAT",
-           "Int8WithinBudget", "WeightOnly", "WeightQAT", "Codebook", "Int8DynamicLowBit", "layer_sqnr_report", "quantize_within_budget"]
+           "Int8WithinBudget", "MixedPrecision", "WeightOnly", "WeightQAT", "Codebook", "Int8DynamicLowBit", "layer_sqnr_report", "quantize_within_budget"]
 
 
 def __getattr__(name: str):

@@ -21,6 +21,30 @@ DEFAULT_PERCENTILE = 99.99
 
 
 @dataclass(frozen=True)
+class MixedPrecision:
+    """Keep in float the few layers that cause the int8 loss, chosen by measured sensitivity
+    (``quantization.mixed_precision``): per layer, the whole model's output SQNR against the float
+    model on the calibration samples with that one layer in float; greedy, re-measured after each pick.
+
+    ``max_layers``: at most this many layers float. ``min_gain_db``: a layer is kept float only if
+    it raises the output SQNR by at least this much. ``max_growth``: the float layers' extra bytes
+    (3 per weight) at most this share of the int8 weight bytes, so the file stays small.
+    ``target_sqnr_db``: stop as soon as the output SQNR reaches it (``None``: use the whole budget).
+    The model is then quantized again with those layers float and kept only if fidelity does not drop.
+    """
+
+    max_layers: int = 3
+    min_gain_db: float = 0.5
+    max_growth: float = 0.25
+    target_sqnr_db: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.max_layers >= 1, "max_layers", f"{self.max_layers} must be >= 1 (or leave mixed_precision out)")
+        check(self.min_gain_db >= 0, "min_gain_db", f"{self.min_gain_db} must be >= 0 (dB of output SQNR)")
+        check(self.max_growth > 0, "max_growth", f"{self.max_growth} must be > 0 (a share of the int8 weight bytes, e.g. 0.25)")
+
+
+@dataclass(frozen=True)
 class Int8Static:
     """W8A8 post-training quantization: int8 weights, int8 activations calibrated on data.
 
@@ -72,6 +96,8 @@ class Int8Static:
     the bytes again in both files (ExecuTorch looks rows up with ``embedding_4bit``), at a cost in
     fidelity: a 4-bit table's error reaches every token (a tiny BERT's last hidden state: 31.4 dB
     SQNR at 8 bits, 19.3 at 4), so it is opt-in; ``False`` keeps them float.
+    ``mixed_precision``: a ``MixedPrecision`` to keep the layers that cost most fidelity in float,
+    chosen by measuring each one's effect on the output (after every other repair); ``None``: none.
     """
 
     calibration: Calibration = "histogram"
@@ -84,6 +110,7 @@ class Int8Static:
     fp32_layers: tuple[str, ...] = ()
     int8_layout: Int8Layout | None = None
     embeddings: EmbeddingBits = True
+    mixed_precision: MixedPrecision | None = None
 
     def __post_init__(self) -> None:
         _check_embeddings(self.embeddings)

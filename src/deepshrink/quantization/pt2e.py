@@ -68,13 +68,15 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         return converted, seen, ranges
 
     repairs = config.equalization != "none" or config.bias_correction or config.rounding == "adaround"
-    if repairs:
+    # mixed precision measures against the float function like the repairs do
+    measured = repairs or config.mixed_precision is not None
+    if measured:
         from deepshrink.quantization.bias_correction import calibration_batches, channel_means
 
         batches = calibration_batches(data, config.calibration_samples)
         # the original float function: what every repair is measured against
         expected = channel_means(graph, batches, [], desc="float reference outputs")[1]
-    reference = copy.deepcopy(graph) if repairs else None
+    reference = copy.deepcopy(graph) if measured else None
     if layout in GUARDED_LAYOUTS and reference is None:
         from deepshrink.quantization.weight_range import float_weights
 
@@ -98,7 +100,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         # before the rounding repair, which then re-rounds the narrowed channels within 7 bits, and
         # before bias correction, which then sees their error too
         weights = float_weights(reference) if reference is not None else source_weights
-        guard_batches = batches if repairs else calibration_batches(data, config.calibration_samples)
+        guard_batches = batches if measured else calibration_batches(data, config.calibration_samples)
         details["weight_range"] = guard_weight_range(converted, weights, guard_batches)
     if config.rounding == "adaround":
         from deepshrink.quantization.adaround import adaround
@@ -116,6 +118,19 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         details["bias_correction"] = correct_bias(converted, reference, batches, expected=expected)
         details["bias_correction"]["seconds"] = round(time.perf_counter() - started, 3)
     object.__setattr__(converted, "_deepshrink_quant", details)
+    if config.mixed_precision is not None:
+        import dataclasses
+
+        from deepshrink.quantization.mixed_precision import keep_float
+        from deepshrink.quantization.weight_range import float_weights
+
+        def requantize(layers: tuple[str, ...]) -> torch.fx.GraphModule:
+            return quantize_static(model, dataclasses.replace(config, fp32_layers=fp32 + layers, mixed_precision=None), data, target)
+
+        # last: it measures each layer against everything the repairs made of the others
+        converted, report = keep_float(converted, float_weights(reference), batches, expected, requantize,
+                                       config=config.mixed_precision)
+        object.__setattr__(converted, "_deepshrink_quant", {**converted._deepshrink_quant, "mixed_precision": report})
     return converted
 
 

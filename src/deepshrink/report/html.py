@@ -118,6 +118,10 @@ def _stage_sections(stages: list[dict]) -> str:
                 [html.escape(d["layer"]), _fmt(1e3 * d["int8_ms"]), _fmt(1e3 * d["with_it_fp32_ms"]),
                  "fp32 (faster here)" if d["fp32"] else "int8"] for d in objective["per_layer"]]))
     for s in stages:
+        mixed = s["summary"].get("mixed_precision") if isinstance(s["summary"], dict) else None
+        if mixed and mixed.get("steps"):
+            parts.append(_mixed_precision(mixed))
+    for s in stages:
         exports = s["summary"].get("exports") if isinstance(s["summary"], dict) else None
         for label, info in (exports or {}).items():
             if info.get("sparse_compute"):
@@ -125,6 +129,26 @@ def _stage_sections(stages: list[dict]) -> str:
                 parts.append(_table(["layer", "sparsity", "dense µs", "CSR µs", "runs"], [
                     [html.escape(d["layer"]), _fmt(d["sparsity"], "pct"), _fmt(d["dense_us"]), _fmt(d["sparse_us"]),
                      "sparse" if d["runs_sparse"] else "dense"] for d in info["sparse_compute"]]))
+    return "".join(parts)
+
+
+def _mixed_precision(mixed: dict) -> str:
+    """The sensitivity measured for mixed precision: every round's candidates, the pick, the check."""
+    before, after = mixed["fidelity_before"], mixed.get("fidelity_after")
+    verdict = ("kept" if mixed["kept"] else "not kept") + (
+        f": output SQNR {_fmt(after['sqnr_db'])} dB with them float, {_fmt(before['sqnr_db'])} dB int8 everywhere"
+        if after else f": int8 everywhere ({_fmt(before['sqnr_db'])} dB)")
+    parts = [f"<h3>Mixed precision by measured sensitivity: {html.escape(', '.join(mixed['chosen']) or 'no layer')} "
+             f"in float — {html.escape(verdict)}</h3>",
+             f"<p>Each round measures every int8 layer in float on the calibration samples (output SQNR against the float "
+             f"model); the largest gain is kept. Stopped: {html.escape(mixed['stopped'])}. Extra bytes "
+             f"{_fmt(mixed['extra_bytes'])} of a budget of {_fmt(mixed['budget_bytes'])}.</p>"]
+    for i, rows in enumerate(mixed["steps"]):
+        ranked = sorted(rows, key=lambda r: -(r["gain_db"] if r["gain_db"] is not None else -1e9))
+        picked = mixed["chosen"][i] if i < len(mixed["chosen"]) else None
+        parts.append(_table([f"round {i + 1}: layer", "output SQNR gain dB", "extra bytes", "decision"], [
+            [html.escape(r["layer"]), "—" if r["gain_db"] is None else _fmt(r["gain_db"]), _fmt(r["extra_bytes"]),
+             "float" if r["layer"] == picked else html.escape(r.get("skipped", "int8"))] for r in ranked]))
     return "".join(parts)
 
 
