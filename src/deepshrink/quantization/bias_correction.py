@@ -82,16 +82,25 @@ def output_fidelity(expected: list, outputs: list) -> dict:
     """``{agreement, sqnr_db}`` of ``outputs`` against ``expected`` (lists of per-batch model
     outputs): top-1 agreement of the first output when it is ``[N, classes]`` (else ``None``), and
     the SQNR over every floating output tensor."""
-    ref = [torch.cat(parts) for parts in zip(*[S.flatten(o) for o in expected])]
-    out = [torch.cat(parts) for parts in zip(*[S.flatten(o) for o in outputs])]
-    pairs = [(r.double(), o.double()) for r, o in zip(ref, out) if r.is_floating_point()]
-    signal = sum(float((r ** 2).sum()) for r, _ in pairs)
-    noise = sum(float(((r - o) ** 2).sum()) for r, o in pairs)
+    # batch by batch: samples of different lengths (token ids, audio frames) give outputs of different shapes
+    signal = noise = 0.0
+    agree = counted = 0
+    classifier = True
+    for ref_batch, out_batch in zip(expected, outputs):
+        ref, out = S.flatten(ref_batch), S.flatten(out_batch)
+        for r, o in zip(ref, out):
+            if r.is_floating_point():
+                r, o = r.double(), o.double()
+                signal += float((r ** 2).sum())
+                noise += float(((r - o) ** 2).sum())
+        first = ref[0] if ref else None
+        if first is None or not (first.is_floating_point() and first.dim() == 2 and first.shape[1] > 1):
+            classifier = False
+            continue
+        agree += int((first.argmax(1) == out[0].argmax(1)).sum())
+        counted += first.shape[0]
     sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    first_ref, first_out = (ref[0], out[0]) if ref else (None, None)
-    agreement = None
-    if first_ref is not None and first_ref.is_floating_point() and first_ref.dim() == 2 and first_ref.shape[1] > 1:
-        agreement = float((first_ref.argmax(1) == first_out.argmax(1)).double().mean())
+    agreement = agree / counted if classifier and counted else None
     return {"agreement": agreement, "sqnr_db": sqnr}
 
 

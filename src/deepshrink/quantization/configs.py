@@ -13,7 +13,7 @@ from deepshrink.core.config import check
 from deepshrink.core.loops import TrainConfig
 from deepshrink.core.targets import INT8_LAYOUTS, Int8Layout
 
-Calibration = Literal["minmax", "histogram", "percentile", "mse", "entropy"]
+Calibration = Literal["minmax", "histogram", "percentile", "mse", "entropy", "auto"]
 Equalization = Literal["none", "cle", "cle_relu6_as_relu"]
 Rounding = Literal["nearest", "adaround"]
 EmbeddingBits = bool | Literal[4, 8]   # True means 8
@@ -56,7 +56,11 @@ class Int8Static:
       XNNPACK's default);
     - ``percentile``: clip both tails at ``percentile`` (99.99 keeps all but 1 in 10,000);
     - ``mse``: grid search for the range of least expected squared error (rounding + clipping);
-    - ``entropy``: the clipping threshold of least KL divergence (TensorRT's calibration).
+    - ``entropy``: the clipping threshold of least KL divergence (TensorRT's calibration);
+    - ``auto``: each of the five, from the same calibration pass, measured by the int8 model's
+      output SQNR against the float model on the calibration samples; the best is used and
+      ``quantize_report`` lists them all (``calibration_search``). Which wins depends on the model
+      (on the tiny BERT example, percentile: ``examples/recipes/bert.yaml``).
 
     ``per_channel``: one weight scale per output channel; ``None`` takes the target's setting.
     ``bias_correction``: after conversion, add to each layer's bias the mean output error
@@ -117,7 +121,7 @@ class Int8Static:
         check(self.calibration_samples >= 1, "calibration_samples", f"{self.calibration_samples} must be >= 1")
         check(50.0 < self.percentile <= 100.0, "percentile",
               f"{self.percentile} is outside (50, 100]; it is the share of values kept, e.g. 99.99")
-        check(self.calibration == "percentile" or self.percentile == DEFAULT_PERCENTILE, "percentile",
+        check(self.calibration in ("percentile", "auto") or self.percentile == DEFAULT_PERCENTILE, "percentile",
               f"{self.percentile} has no effect with calibration={self.calibration!r}; set calibration='percentile' or drop it")
         _check_layout(self.int8_layout)
 

@@ -54,22 +54,29 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     graph, _ = float_graph(model, data.example_input(), max_batch=target.max_batch, dynamic=data.dynamic)
     layout = config.int8_layout or target.quantizer.int8_layout
 
+    search: dict[str, dict] = {}
+
     def ptq(source: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[dict]]:
+        auto = config.calibration == "auto"
         quantizer = build_quantizer(
-            quantization_config(per_channel=per_channel, calibration=config.calibration, percentile=config.percentile,
-                                int8_layout=layout),
+            quantization_config(per_channel=per_channel, calibration="histogram" if auto else config.calibration,
+                                percentile=config.percentile, int8_layout=layout),
             fp32_layers=fp32, embeddings=config.embeddings,
         )
         prepared = prepare_pt2e(source, quantizer)
         seen = calibrate(prepared, data, config.calibration_samples)
+        if auto:   # one calibration pass: every method picks its range from the same histograms
+            search.clear()
+            search.update(compare_calibrations(prepared, batches, expected))
+            set_calibration(prepared, best_calibration(search))
         ranges = activation_ranges_of(prepared)
         converted = convert_pt2e(prepared)
         drop_unused_weights(converted)   # the float originals of the folded int8 weights
         return converted, seen, ranges
 
     repairs = config.equalization != "none" or config.bias_correction or config.rounding == "adaround"
-    # mixed precision measures against the float function like the repairs do
-    measured = repairs or config.mixed_precision is not None
+    # mixed precision and the calibration search measure against the float function like the repairs do
+    measured = repairs or config.mixed_precision is not None or config.calibration == "auto"
     if measured:
         from deepshrink.quantization.bias_correction import calibration_batches, channel_means
 
@@ -90,7 +97,9 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
                                                                relu6_as_relu=config.equalization == "cle_relu6_as_relu")
     converted, seen, ranges = result
     details = {
-        "calibration": config.calibration, "calibration_samples_used": seen, "per_channel": per_channel,
+        "calibration": best_calibration(search) if search else config.calibration,
+        **({"calibration_search": dict(search)} if search else {}),
+        "calibration_samples_used": seen, "per_channel": per_channel,
         "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32), "int8_layout": layout,
     }
     if layout in GUARDED_LAYOUTS:
@@ -132,6 +141,40 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
                                        config=config.mixed_precision)
         object.__setattr__(converted, "_deepshrink_quant", {**converted._deepshrink_quant, "mixed_precision": report})
     return converted
+
+
+def compare_calibrations(prepared: torch.fx.GraphModule, batches: list, expected: list) -> dict[str, dict]:
+    """Each calibration method's int8 output fidelity (``{agreement, sqnr_db}`` against ``expected``
+    on ``batches``), from the histograms ``prepared``'s observers already hold: one calibration,
+    one conversion and one pass of the samples per method."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from deepshrink.quantization.bias_correction import output_fidelity
+    from deepshrink.quantization.observers import METHODS
+
+    out = {}
+    for method in progress(METHODS, "calibration: comparing methods"):
+        trial = copy.deepcopy(prepared)
+        set_calibration(trial, method)
+        converted = convert_pt2e(trial)
+        with torch.no_grad():
+            out[method] = output_fidelity(expected, [S.call(converted, x) for x in batches])
+    return out
+
+
+def best_calibration(search: dict[str, dict]) -> str:
+    """The method of highest output SQNR (ties: higher top-1 agreement, then the order of ``METHODS``)."""
+    from deepshrink.quantization.observers import METHODS
+
+    return max(METHODS, key=lambda m: (search[m]["sqnr_db"], search[m]["agreement"] or 0.0, -METHODS.index(m)))
+
+
+def set_calibration(prepared: torch.fx.GraphModule, method: str) -> None:
+    from deepshrink.quantization.observers import CalibrationObserver
+
+    for module in prepared.modules():
+        if isinstance(module, CalibrationObserver):
+            module.method = method
 
 
 def quantize_dynamic(model: nn.Module, config: Int8Dynamic, data: DataSplits, target: TargetProfile) -> torch.fx.GraphModule:
