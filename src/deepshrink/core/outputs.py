@@ -76,6 +76,7 @@ class SelectOutputs(nn.Module):
         super().__init__()
         self.model = model
         self.select = select
+        self.training = model.training   # the wrapped model's mode, not nn.Module's default (train)
 
     @property
     def wrapped_model(self) -> nn.Module:

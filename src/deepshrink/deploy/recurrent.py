@@ -154,6 +154,7 @@ class UnrolledLSTM(nn.Module):
         if lstm.proj_size:
             raise ExportError("LSTM with proj_size cannot be unrolled for the .pte; export .onnx, or use proj_size=0")
         self.lstm = lstm
+        self.training = lstm.training   # the cell's mode (its dropout), not nn.Module's default
 
     def forward(self, x, hx=None):
         lstm = self.lstm
@@ -171,6 +172,7 @@ class UnrolledGRU(nn.Module):
     def __init__(self, gru: nn.GRU) -> None:
         super().__init__()
         self.gru = gru
+        self.training = gru.training
 
     def forward(self, x, hx=None):
         gru = self.gru

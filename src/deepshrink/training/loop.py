@@ -5,6 +5,7 @@ parametrization), so pruned weights read as exactly zero and get no gradient in 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -32,8 +33,11 @@ def accuracy(model: nn.Module, loader: DataLoader, *, reference: nn.Module | Non
     when the reference's first output is a classifier's scores, else the mean cosine similarity of
     each sample's output with the reference's (embeddings, hidden states: ``core.outputs.output_kind``),
     so a budget in points bounds the change of what the model returns, not of an argmax over features."""
-    was_training = getattr(model, "training", False)
-    _set_eval(model)
+    with evaluating(model, reference):
+        return _accuracy(model, loader, reference)
+
+
+def _accuracy(model: nn.Module, loader: DataLoader, reference: nn.Module | None) -> float:
     score = total = 0.0
     device = _device_of(model)
     for x, y in loader:
@@ -53,9 +57,23 @@ def accuracy(model: nn.Module, loader: DataLoader, *, reference: nn.Module | Non
             y = expected.argmax(-1)
         score += int((produced.argmax(-1) == y).sum())
         total += y.numel()
-    if was_training:
-        _set_mode(model, train=True)
     return score / max(total, 1)
+
+
+@contextlib.contextmanager
+def evaluating(*models: nn.Module | None):
+    """Every module of ``models`` in eval mode for the duration, each put back in its own mode after.
+    Per module, not the top one's flag: a wrapper built in train mode (``nn.Module``'s default)
+    around a model in eval mode would otherwise switch the model's dropout on when restored."""
+    modules = [m for model in models if isinstance(model, nn.Module) for m in model.modules()]
+    saved = [(m, m.training) for m in modules]
+    for m in modules:
+        m.training = False   # the attribute, not .train(): graph modules from torch.export refuse that
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def _device_of(model) -> torch.device:
