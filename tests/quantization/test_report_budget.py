@@ -64,9 +64,14 @@ def test_an_input_channel_outlier_needs_equalization_not_per_channel_scales(setu
     assert alone["cle"]["fc2"] > 20 and alone["cle"]["fc3"] > 35
 
 
-def test_the_budget_search_falls_back_to_fp32_for_the_broken_layer(setup):
+def test_the_budget_search_falls_back_to_fp32_for_the_broken_layer(setup, caplog):
     model, data = setup
-    quantized, report = quantize_within_budget(model, data, max_drop_pt=2.0, ptq=PER_TENSOR, train_fn=fit, accuracy_fn=accuracy)
+    with caplog.at_level("INFO", logger="deepshrink.quantization.budget"):
+        quantized, report = quantize_within_budget(model, data, max_drop_pt=2.0, ptq=PER_TENSOR, train_fn=fit, accuracy_fn=accuracy)
+    # each attempt is logged as it finishes, not only in the report at the end
+    logged = [r.getMessage() for r in caplog.records if r.name == "deepshrink.quantization.budget"]
+    assert [m.split(" ->")[0] for m in logged] == ["budget: ptq", "budget: fp32 fallback"]
+    assert logged[1].endswith("of 2.00 allowed); fp32: fc2")
     assert report.float_accuracy == 1.0
     assert [s.action for s in report.steps] == ["ptq", "fp32 fallback"] and report.met
     assert report.steps[0].drop_pt > 20 and report.final.fp32_layers == ("fc2",) and report.final.drop_pt <= 2.0

@@ -12,6 +12,7 @@ PTQ each time; QAT (with the fallback layers found so far kept in float) is the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from deepshrink.core.loops import AccuracyFn, TrainFn, require_accuracy
 from deepshrink.core.progress import progress
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8QAT, Int8Static
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ def search_within_budget(
         acc = accuracy(quantized, val, reference=model)
         steps.append(BudgetStep(action, acc, 100.0 * (float_acc - acc), tuple(config.fp32_layers)))
         tried.append((acc, quantized))
+        # as it happens: the whole search can take minutes (a QAT at the end)
+        log.info("budget: %s -> val %.2f %% (drop %.2f pt of %.2f allowed)%s", action, 100 * acc, steps[-1].drop_pt,
+                 max_drop_pt, f"; fp32: {', '.join(config.fp32_layers)}" if config.fp32_layers else "")
         return steps[-1].drop_pt <= max_drop_pt
 
     met = attempt("ptq", ptq)
