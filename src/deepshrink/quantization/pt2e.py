@@ -1,10 +1,12 @@
 """Post-training int8 through PT2E (torchao) with the XNNPACK quantizer, driven by the target.
 
-Static: float graph (batch norm and padding folded) -> prepare -> calibrate -> convert; then
+Static: float graph (batch norm and padding folded) -> prepare -> calibrate (with
+``calibration="auto"``, every range method compared on the same histograms) -> convert; then
 the optional repairs, each kept only if int8 fidelity to the float model on the calibration
 samples does not drop: cross-layer equalization (a second quantization of the equalized graph,
 the better one kept), AdaRound (learned up-or-down rounding of the int8 weight codes) and bias
-correction, in that order. Dynamic: prepare -> one forward so the weight observers
+correction, in that order; last, mixed precision by measured sensitivity (the layers whose int8
+costs the output most re-quantized in float, ``quantization.mixed_precision``). Dynamic: prepare -> one forward so the weight observers
 see the weights -> convert. Both record what they did in ``model._deepshrink_quant``.
 """
 from __future__ import annotations
