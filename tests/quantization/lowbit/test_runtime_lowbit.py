@@ -186,3 +186,46 @@ def test_small_mlp_quantizes_every_linear(blobs):
     model = deepshrink.quantize(new_mlp(), Int8DynamicLowBit(layers={"classifier": 8}), data=None)
     assert [type(m).__name__ for m in (model.hidden[0], model.hidden[1], model.classifier)] == ["DynamicQuantLinear"] * 3
     assert (model.hidden[0].bits, model.classifier.bits) == (4, 8)
+
+
+def _recorded_then_runtime(model, config, runtime):
+    recorded = deepshrink.quantize(copy.deepcopy(model), config, data=None)
+    from deepshrink.quantization.lowbit.weights import quantized_weights
+
+    records = dict(quantized_weights(recorded))
+    return recorded, records, deepshrink.quantize(copy.deepcopy(recorded), runtime, data=None)
+
+
+def test_a_uniform_grid_reaches_the_runtime_file_as_recorded_not_refit():
+    """WeightOnly / WeightQAT codes and scales become the runtime's (a refit would move a trained grid:
+    ``_recorded_affine``): 8-bit per channel exactly, 4-bit per channel with the scales in bfloat16
+    and the rows padded to 32; a layer trained after its record is refit."""
+    from deepshrink.quantization import WeightOnly
+    from deepshrink.quantization.lowbit.weights import AffineWeight, set_quantized
+
+    torch.manual_seed(0)
+    model = new_mlp()
+    _, records, runtime = _recorded_then_runtime(model, WeightOnly(bits=8, granularity="per_channel"), Int8DynamicLowBit(bits=8))
+    layer = runtime.hidden[0]
+    assert torch.equal(layer.qdata, records["hidden.0.weight"].q.to(torch.int8))
+    assert torch.equal(layer.dequantized_weight(), records["hidden.0.weight"].dequantize())
+    # a 4-bit grid as LSQ leaves one: steps twice min/max's, so no code passes +-4 (a refit would use +-7)
+    recorded, records, _ = _recorded_then_runtime(model, WeightOnly(bits=4, granularity="per_channel"), Int8DynamicLowBit(bits=4))
+    base = records["hidden.0.weight"]
+    wide = AffineWeight(4, True, "per_channel", None, torch.round(base.q / 2).clamp(-4, 4), base.scale * 2, base.zero_point)
+    with torch.no_grad():
+        recorded.hidden[0].weight.copy_(wide.dequantize())
+    set_quantized(recorded, "hidden.0.weight", recorded.hidden[0].weight, wide)
+    runtime = deepshrink.quantize(copy.deepcopy(recorded), Int8DynamicLowBit(bits=4, group_size=None), data=None)
+    layer = runtime.hidden[0]
+    assert layer.padded_in_features == 32 and int(layer.qdata.abs().max()) == 4
+    assert torch.equal(layer.qdata[:, :8], wide.q.to(torch.int8)) and not layer.qdata[:, 8:].any()
+    torch.testing.assert_close(layer.scale, wide.scale.reshape(-1, 1).to(torch.bfloat16).float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.dequantized_weight(), wide.dequantize(), rtol=2 ** -8, atol=0)
+    assert int(fit_runtime_weight(wide.dequantize(), bits=4, group_size=None).q.abs().max()) == 7   # what a refit gives
+    # trained after the record: the codes no longer describe the weight, so the runtime refits min/max
+    with torch.no_grad():
+        recorded.hidden[0].weight.add_(1e-3)
+    moved = deepshrink.quantize(copy.deepcopy(recorded), Int8DynamicLowBit(bits=4, group_size=None), data=None)
+    expected = fit_runtime_weight(recorded.hidden[0].weight, bits=4, group_size=None)
+    assert torch.equal(moved.hidden[0].qdata, expected.q) and torch.equal(moved.hidden[0].scale, expected.scale)
