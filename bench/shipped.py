@@ -11,7 +11,8 @@ LeNet-300-100 the sparse-variational-dropout model with its dead units cut whose
 111x smaller than fp32 (bench/vd_probe.py, kl_weight 1.0; read from bench/artifacts/lenet-300-100-vd-kl1.dsk,
 so the runtime file holds the same weights) — in fp32 and int8, as `.pte` and
 `.onnx`, exported with a static batch of 1 (the phone's case: one delegate call); for LeNet-300-100
-also with 4- and 8-bit weights the `.pte` stores and runs (`Int8DynamicLowBit`), for LeNet-5 with
+also with 4- and 8-bit weights the `.pte` stores and runs (`Int8DynamicLowBit`; the 4-bit per-channel file also
+after 2 epochs of 4-bit weight QAT, `LOWBIT_QAT`, whose trained grid the `.pte` keeps), for LeNet-5 with
 int8 only where XNNPACK runs it faster (`deploy.objective`, the recipe's `objective: latency`). Beside them, in
 the same interleaved run: the dense model in eager PyTorch (the reference of every ratio), its
 plain fp32 exports, ONNX Runtime's own `quantize_static` (QDQ, per channel) of the dense model,
@@ -45,14 +46,17 @@ from deepshrink.deploy.objective import choose_by_latency
 from deepshrink.evaluation.compare import evaluate_many
 from deepshrink.models import load, save_checkpoint
 from deepshrink.pruning import ChannelPruning, prune
-from deepshrink.quantization import Int8DynamicLowBit, Int8Static, quantize
-from deepshrink.training import TrainConfig, fit
+from deepshrink.quantization import Int8DynamicLowBit, Int8Static, WeightQAT, quantize
+from deepshrink.training import TrainConfig, accuracy, fit
 
 # LeNet-5: a milder cut than bench/structured.py's (conv1 8, conv2 24, fc1 96 after rounding to
 # XNNPACK's multiple of 8; there conv2 kept 16 and fine-tuned back to 0.84 % from this seeded baseline,
 # over the 0.80 % bound), fine-tuned longer, distilled from the dense model
 LENET_PRUNE = ChannelPruning(ratio=0.6, scope="local", importance="taylor", overrides={"fc1": 0.81})
 LENET_FINETUNE = TrainConfig(epochs=20, lr=1e-3, batch_size=128, distill=DISTILL, seed=0)
+# LeNet-300-100: 4-bit per-channel weight QAT (LSQ steps) of the VD model, distilled from it, before the 4-bit .pte
+LOWBIT_QAT = WeightQAT(bits=4, granularity="per_channel", method="lsq",
+                       train=TrainConfig(epochs=2, lr=1e-4, batch_size=128, distill=DISTILL, seed=0))
 THREADS = 1
 RUNS, WARMUP = 3000, 300
 ARTIFACTS = REPO / "bench" / "artifacts"
@@ -111,6 +115,12 @@ def build(name: str, data) -> tuple[dict, dict]:
             path = WORK / f"{name}-small-{label.split()[0]}-{label.split()[1]}.pte".replace("(", "").replace(")", "")
             export(quantize(copy.deepcopy(small), config, data=None), path, example_input=x1, static_batch=True, parity_samples=calib)
             candidates[f"{what} {label} weights, int8 dynamic activations .pte, static batch 1"] = path
+        # the same 4-bit per-channel file after weight QAT: the runtime keeps the trained grid (lowbit.runtime)
+        trained4 = quantize(copy.deepcopy(small), LOWBIT_QAT, data=data, train_fn=fit, accuracy_fn=accuracy)
+        path = WORK / f"{name}-small-4-bit-qat.pte"
+        export(quantize(trained4, Int8DynamicLowBit(bits=4, group_size=None), data=None), path, example_input=x1,
+               static_batch=True, parity_samples=calib)
+        candidates[f"{what} 4-bit per channel weights after 4-bit weight QAT, int8 dynamic activations .pte, static batch 1"] = path
     else:   # int8 where the runtime runs it faster, measured per layer (deploy.objective, the recipe's objective: latency)
         chosen, record = choose_by_latency(small, Int8Static(), lambda m, c: quantize(copy.deepcopy(m), c, data=data),
                                            example_input=example, target=get_target("xnnpack"), objective="latency")
