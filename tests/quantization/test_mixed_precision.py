@@ -146,3 +146,40 @@ def test_the_mixed_model_exports_within_parity(model, data, tmp_path, target, su
     assert q._deepshrink_quant["mixed_precision"]["chosen"] == ["fc1"]
     result = export(q, tmp_path / f"mixed{suffix}", example_input=data.example_input(8), target=target)
     assert result.parity_passed
+
+
+class ResidualNorm(nn.Module):
+    """A transformer block's residual stream: linear -> add(residual) -> LayerNorm -> linear. The
+    stream carries one feature 50x the others, so its int8 grid (the add's output) is coarse for the
+    rest, which the LayerNorm then rescales: that rounding, not any weight, is the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x + self.fc(x)))
+
+
+def test_the_int8_output_a_layernorm_reads_is_a_candidate_and_costs_no_bytes(tmp_path):
+    from deepshrink.deploy import export
+
+    torch.manual_seed(0)
+    model = ResidualNorm().eval()
+    x = _inputs(512, seed=2)
+    x[:, 0] *= 0.5   # the outlier feature: 50x the others
+    data = from_datasets(TensorDataset(x[:256], torch.zeros(256, dtype=torch.long)),
+                         TensorDataset(x[256:], torch.zeros(256, dtype=torch.long)), num_classes=8, calib_size=128)
+    q = quantize(model, Int8Static(mixed_precision=MixedPrecision(max_layers=1)), data=data, target="onnxruntime")
+    record = q._deepshrink_quant
+    report = record["mixed_precision"]
+    rows = {r["layer"]: r for r in report["steps"][0]}
+    outputs = [name for name in rows if name.endswith(" output)")]
+    assert len(outputs) == 1 and rows[outputs[0]]["extra_bytes"] == 0   # the add, read by the LayerNorm
+    assert report["chosen"] == outputs and report["kept"] is True and report["extra_bytes"] == 0
+    assert record["fp32_nodes"] == report["chosen_nodes"] == [outputs[0].split("(")[1].split()[0]]
+    assert report["fidelity_after"]["sqnr_db"] > report["fidelity_before"]["sqnr_db"] + 3
+    # the measured gain is what the re-quantized graph gives (within 0.5 dB)
+    assert abs(report["fidelity_measured"]["sqnr_db"] - report["fidelity_after"]["sqnr_db"]) < 0.5
+    result = export(q, tmp_path / "residual.onnx", example_input=data.example_input(8), target="onnxruntime")
+    assert result.parity_passed

@@ -25,6 +25,8 @@ class MixedPrecision:
     """Keep in float the few layers that cause the int8 loss, chosen by measured sensitivity
     (``quantization.mixed_precision``): per layer, the whole model's output SQNR against the float
     model on the calibration samples with that one layer in float; greedy, re-measured after each pick.
+    The int8 outputs that a float op reads (a residual add before a LayerNorm) are candidates as well,
+    at no bytes.
 
     ``max_layers``: at most this many layers float. ``min_gain_db``: a layer is kept float only if
     it raises the output SQNR by at least this much. ``max_growth``: the float layers' extra bytes

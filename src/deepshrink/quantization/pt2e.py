@@ -46,7 +46,10 @@ def check_fp32_layers(model: nn.Module, patterns: tuple[str, ...], *, what: str 
     return tuple(select(names, patterns, what=what))
 
 
-def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, target: TargetProfile) -> torch.fx.GraphModule:
+def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, target: TargetProfile, *,
+                    fp32_nodes: tuple[str, ...] = ()) -> torch.fx.GraphModule:
+    """``fp32_nodes``: graph nodes left float besides ``config.fp32_layers`` (mixed precision's
+    choice of single ops, such as a residual add; node names of ``float_graph``)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from deepshrink.quantization.graph_passes import float_graph
@@ -57,15 +60,17 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     layout = config.int8_layout or target.quantizer.int8_layout
 
     search: dict[str, dict] = {}
+    annotated: list = []
 
     def ptq(source: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[dict]]:
         auto = config.calibration == "auto"
         quantizer = build_quantizer(
             quantization_config(per_channel=per_channel, calibration="histogram" if auto else config.calibration,
                                 percentile=config.percentile, int8_layout=layout),
-            fp32_layers=fp32, embeddings=config.embeddings,
+            fp32_layers=fp32, embeddings=config.embeddings, fp32_nodes=fp32_nodes,
         )
         prepared = prepare_pt2e(source, quantizer)
+        annotated[:] = [quantizer.annotated]
         seen = calibrate(prepared, data, config.calibration_samples)
         if auto:   # one calibration pass: every method picks its range from the same histograms
             search.clear()
@@ -103,6 +108,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         **({"calibration_search": dict(search)} if search else {}),
         "calibration_samples_used": seen, "per_channel": per_channel,
         "activation_ranges": ranges, "equalization": equalization, "fp32_layers": list(fp32), "int8_layout": layout,
+        **({"fp32_nodes": list(fp32_nodes)} if fp32_nodes else {}),
     }
     if layout in GUARDED_LAYOUTS:
         from deepshrink.quantization.bias_correction import calibration_batches
@@ -135,12 +141,13 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         from deepshrink.quantization.mixed_precision import keep_float
         from deepshrink.quantization.weight_range import float_weights
 
-        def requantize(layers: tuple[str, ...]) -> torch.fx.GraphModule:
-            return quantize_static(model, dataclasses.replace(config, fp32_layers=fp32 + layers, mixed_precision=None), data, target)
+        def requantize(layers: tuple[str, ...], nodes: tuple[str, ...]) -> torch.fx.GraphModule:
+            return quantize_static(model, dataclasses.replace(config, fp32_layers=fp32 + layers, mixed_precision=None), data,
+                                   target, fp32_nodes=fp32_nodes + nodes)
 
         # last: it measures each layer against everything the repairs made of the others
         converted, report = keep_float(converted, float_weights(reference), batches, expected, requantize,
-                                       config=config.mixed_precision)
+                                       config=config.mixed_precision, annotated=annotated[0])
         object.__setattr__(converted, "_deepshrink_quant", {**converted._deepshrink_quant, "mixed_precision": report})
     return converted
 

@@ -105,10 +105,21 @@ def in_layers(node: Node, patterns: Iterable[str]) -> bool:
     return any(matches(p, path) for p in patterns for path in module_paths(node) if path)
 
 
-def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bool | int = False):
+@dataclasses.dataclass(frozen=True)
+class Annotated:
+    """Which graph nodes (by name) the quantizer gave int8 inputs, and which an int8 output."""
+
+    inputs: frozenset[str]
+    outputs: frozenset[str]
+
+
+def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bool | int = False,
+                    fp32_nodes: tuple[str, ...] = ()):
     """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float;
     ``embeddings``: embedding tables quantized per row as well, ``True``/``8`` int8, ``4`` 4-bit
-    (weight-only; see ``annotate_embeddings``)."""
+    (weight-only; see ``annotate_embeddings``). ``fp32_nodes``: graph nodes (by name) left
+    unannotated as well — an op inside a layer, such as a residual add (``quantization.mixed_precision``).
+    After ``prepare_pt2e``, the quantizer's ``annotated`` (``Annotated``) names the nodes it annotated."""
     require("executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
@@ -135,12 +146,19 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bo
             annotate_recurrent(model, self.filter_fn, qat=self.global_config.is_qat)
             share_through_padding(model)
             drop_integer_annotations(model)
+            from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+            marks = {n.name: n.meta[Q_ANNOTATION_KEY] for n in model.graph.nodes if Q_ANNOTATION_KEY in n.meta}
+            self.annotated = Annotated(
+                inputs=frozenset(name for name, a in marks.items() if a.input_qspec_map),
+                outputs=frozenset(name for name, a in marks.items() if a.output_qspec is not None))
             return model
 
     quantizer = MobileXNNPACKQuantizer().set_global(config)
-    if fp32_layers:
-        patterns = tuple(fp32_layers)
-        quantizer.set_filter_function(lambda node: not in_layers(node, patterns))
+    quantizer.annotated = Annotated(frozenset(), frozenset())
+    if fp32_layers or fp32_nodes:
+        patterns, nodes = tuple(fp32_layers), frozenset(fp32_nodes)
+        quantizer.set_filter_function(lambda node: node.name not in nodes and not in_layers(node, patterns))
     return quantizer
 
 
