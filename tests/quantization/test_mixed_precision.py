@@ -183,3 +183,12 @@ def test_the_int8_output_a_layernorm_reads_is_a_candidate_and_costs_no_bytes(tmp
     assert abs(report["fidelity_measured"]["sqnr_db"] - report["fidelity_after"]["sqnr_db"]) < 0.5
     result = export(q, tmp_path / "residual.onnx", example_input=data.example_input(8), target="onnxruntime")
     assert result.parity_passed
+
+
+def test_two_float_layers_in_a_row_are_measured_as_the_requantized_graph_computes_them(model, data):
+    """The second pick reads the first's output: float in the re-quantized graph (the first layer's
+    int8 output went with it), so the measurement must not round it either."""
+    q = quantize(model, Int8Static(mixed_precision=MixedPrecision(max_layers=2, max_growth=3.0, min_gain_db=0.0)), data=data)
+    report = q._deepshrink_quant["mixed_precision"]
+    assert report["chosen"][0] == "fc1" and len(report["chosen"]) == 2
+    assert abs(report["fidelity_measured"]["sqnr_db"] - report["fidelity_after"]["sqnr_db"]) < 0.1

@@ -124,17 +124,23 @@ def run_in_float(converted: GraphModule, chosen: list[Candidate], weights: dict[
         saved.setdefault(node, (node.args, node.kwargs))
         node.args, node.kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: new if a is old else a)
 
+    # what the chosen ops produce is float now, also where the quantizer had annotated it int8
+    floated = {n.name for c in chosen for n in (nodes[c.node], _fused_end(nodes[c.node]))}
     try:
         for c in sorted(chosen, key=lambda c: order[c.node]):   # a float op's own input is swapped first
             node = nodes[c.node]
             for arg in list(node.all_input_nodes):   # its inputs, where only its own annotation rounded them
-                plain = _unrounded(arg, annotated)
+                plain = _unrounded(arg, annotated, floated)
                 if plain is not arg and not (c.kind == "layer" and arg is node.args[1]):
                     rewrite(node, arg, plain)
-            if c.kind == "output":
-                quant = next(u for u in node.users if _is_quant(u))
+            # its int8 output (after a fused ReLU-like op), where a float op reads it: the quantizer
+            # annotated that rounding with this op, so it goes with it
+            end = _fused_end(node)
+            quant = next((u for u in end.users if _is_quant(u)), None)
+            if quant is not None and annotated is not None:
                 for dq, reader in _float_readers(quant, annotated):
-                    rewrite(reader, dq, node)
+                    rewrite(reader, dq, end)
+            if c.kind == "output":
                 continue
             attr = f"{_FLOAT_ATTR}{len(added)}"
             converted.register_buffer(attr, weights[c.node].reshape(node.args[1].meta["val"].shape)
@@ -154,17 +160,25 @@ def run_in_float(converted: GraphModule, chosen: list[Candidate], weights: dict[
         converted.recompile()
 
 
-def _unrounded(value, annotated=None):
+def _fused_end(node: Node) -> Node:
+    """``node``, or the ReLU-like op right after it (its only reader) that carries the pattern's output."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in _PASS_THROUGH:
+        return users[0]
+    return node
+
+
+def _unrounded(value, annotated=None, floated: set[str] = frozenset()):
     """What a float op reads in place of ``dequantize(quantize(x))``: ``x``, unless the quantizer
-    gave ``x``'s producer an int8 output (that rounding stays when its reader is float). Without
-    ``annotated``, a producer counts as int8 when it reads a dequantized value itself (through
-    ReLU-like ops)."""
+    gave ``x``'s producer an int8 output (that rounding stays when its reader is float) and the
+    producer is not itself ``floated``. Without ``annotated``, a producer counts as int8 when it
+    reads a dequantized value itself (through ReLU-like ops)."""
     if not _is_dequant(value) or not _is_quant(value.args[0]):
         return value
     quant = value.args[0]
     source = quant.args[0]
     if annotated is not None:
-        produced_int8 = isinstance(source, Node) and source.name in annotated.outputs
+        produced_int8 = isinstance(source, Node) and source.name in annotated.outputs and source.name not in floated
     else:
         while isinstance(source, Node) and source.op == "call_function" and source.target in _PASS_THROUGH:
             source = source.args[0]
