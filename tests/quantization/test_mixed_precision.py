@@ -192,3 +192,16 @@ def test_two_float_layers_in_a_row_are_measured_as_the_requantized_graph_compute
     report = q._deepshrink_quant["mixed_precision"]
     assert report["chosen"][0] == "fc1" and len(report["chosen"]) == 2
     assert abs(report["fidelity_measured"]["sqnr_db"] - report["fidelity_after"]["sqnr_db"]) < 0.1
+
+
+def test_the_report_tabulates_every_round_and_says_what_was_kept(pair):
+    from deepshrink.report.html import render_report
+
+    _, mixed = pair
+    report = mixed._deepshrink_quant["mixed_precision"]
+    stage = {"index": 0, "stage": {"quantize": {}}, "seconds": 1.0, "summary": {"line": "x", "mixed_precision": report}}
+    html = render_report({"variants": {}, "shipped": None, "stages": [stage]}, title="t")
+    assert "Mixed precision by measured sensitivity: fc1 in float — kept: output SQNR" in html
+    assert "round 1: layer" in html and "over the byte budget" in html
+    row = html[html.index("<td>fc1</td>"):].split("</tr>")[0]
+    assert "float" in row and f"{report['steps'][0][0]['gain_db']:.4g}" in row
