@@ -65,14 +65,19 @@ def evaluating(*models: nn.Module | None):
     """Every module of ``models`` in eval mode for the duration, each put back in its own mode after.
     Per module, not the top one's flag: a wrapper built in train mode (``nn.Module``'s default)
     around a model in eval mode would otherwise switch the model's dropout on when restored."""
-    modules = [m for model in models if isinstance(model, nn.Module) for m in model.modules()]
-    saved = [(m, m.training) for m in modules]
-    for m in modules:
-        m.training = False   # the attribute, not .train(): graph modules from torch.export refuse that
+    tops = [(model, model.training) for model in models if isinstance(model, nn.Module)]
+    saved = [(m, m.training) for model, _ in tops for m in model.modules()]
+    for model, _ in tops:
+        _set_mode(model, train=False)   # .train(), which a QAT graph overrides to switch its batch norm
+    for m, _ in saved:
+        m.training = False
     try:
         yield
     finally:
-        for m, flag in saved:
+        for model, flag in tops:
+            if flag:
+                _set_mode(model, train=True)
+        for m, flag in saved:   # then each module's own mode: a train-mode wrapper must not switch on the dropout inside
             m.training = flag
 
 
