@@ -205,3 +205,18 @@ def test_the_report_tabulates_every_round_and_says_what_was_kept(pair):
     assert "round 1: layer" in html and "over the byte budget" in html
     row = html[html.index("<td>fc1</td>"):].split("</tr>")[0]
     assert "float" in row and f"{report['steps'][0][0]['gain_db']:.4g}" in row
+
+
+def test_a_float_last_layer_also_returns_its_output_unrounded(model, data):
+    """The model's output is a float reader too: with fc3 float the re-quantized graph returns fc3's
+    float output, and the measurement must see that (it once kept the output's int8 rounding)."""
+    from deepshrink.quantization.mixed_precision import fidelity_of
+
+    # a budget of 1,000 bytes: only fc3 (960 more) is measured, fc1 (1,536) and fc2 (3,072) are over it
+    q = quantize(model, Int8Static(mixed_precision=MixedPrecision(max_layers=1, max_growth=1000 / 1856)), data=data)
+    row = next(r for r in q._deepshrink_quant["mixed_precision"]["steps"][0] if r["layer"] == "fc3")
+    real = quantize(model, Int8Static(fp32_layers=("fc3",)), data=data)
+    batches = calibration_batches(data, 128)
+    with torch.no_grad():
+        expected = [model(x) for x in batches]
+    assert row["sqnr_db"] == pytest.approx(fidelity_of(real, batches, expected)["sqnr_db"], abs=1e-9)

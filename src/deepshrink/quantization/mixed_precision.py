@@ -105,9 +105,10 @@ def candidates(converted: GraphModule, weights: dict[str, torch.Tensor], annotat
 
 
 def _float_readers(quant: Node, annotated) -> list[tuple[Node, Node]]:
-    """``(dequantize, reader)`` pairs of ``quant``'s value where the reader takes no int8 input of its own."""
+    """``(dequantize, reader)`` pairs of ``quant``'s value where the reader takes no int8 input of its
+    own: a float op, or the graph's output (the model returns what the last op computes)."""
     return [(dq, reader) for dq in quant.users if _is_dequant(dq) for reader in dq.users
-            if reader.op == "call_function" and reader.name not in annotated.inputs]
+            if reader.op in ("call_function", "output") and reader.name not in annotated.inputs]
 
 
 @contextlib.contextmanager
