@@ -17,7 +17,7 @@ from deepshrink.core.errors import ConfigError
 from deepshrink.data import from_datasets
 from deepshrink.quantization import Int8Static, MixedPrecision, quantize
 from deepshrink.quantization.bias_correction import calibration_batches
-from deepshrink.quantization.mixed_precision import candidates, mixed_precision_line, run_in_float
+from deepshrink.quantization.mixed_precision import ANNOTATED, candidates, mixed_precision_line, run_in_float
 from deepshrink.quantization.weight_range import float_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,11 +94,12 @@ def test_measuring_a_layer_in_float_leaves_the_int8_graph_exactly_as_it_was(mode
 
     graph, _ = float_graph(model, data.example_input(), max_batch=64)
     weights = float_weights(graph)
-    pool = candidates(plain, weights)
+    annotated = getattr(plain, ANNOTATED)   # what the quantizer annotated, kept on the converted graph
+    pool = candidates(plain, weights, annotated)
     assert [c.layer for c in pool] == ["fc1", "fc2", "fc3"]
     x = torch.cat(calibration_batches(data, 128))
     code, before = plain.code, plain(x)
-    with run_in_float(plain, pool[:2], weights) as trial:
+    with run_in_float(plain, pool[:2], weights, annotated) as trial:
         inside = trial(x)
     assert not torch.equal(inside, before)
     assert plain.code == code and torch.equal(plain(x), before)

@@ -10,8 +10,8 @@ output against the float model on the calibration samples — one layer at a tim
   of the calibration samples measures what that layer's int8 costs the output;
 - an op without weights whose int8 output a float op reads is a candidate too, at no bytes: a
   transformer's residual and embedding adds before a LayerNorm, whose outliers make that grid
-  coarse (on the tiny BERT example, three of them float: 32.7 -> 35.3 dB on the calibration
-  samples); it is realized by leaving that one node unannotated (``fp32_nodes``);
+  coarse (on the tiny BERT example three of them float: 32.61 -> 35.12 dB in both runtimes,
+  ``bench/results/examples.md``); it is realized by leaving that one node unannotated (``fp32_nodes``);
 - greedy: the layer whose float version raises the output SQNR most is kept float, then every
   remaining layer is measured again with it float (losses interact), until ``max_layers`` are
   chosen, no layer gains ``min_gain_db``, the next one would pass the byte budget
@@ -62,6 +62,7 @@ def _is_dequant(node) -> bool:
 def _is_quant(node) -> bool:
     return isinstance(node, Node) and node.target in (_QD.quantize_per_tensor.default, _QD.quantize_per_tensor.tensor)
 
+ANNOTATED = "_deepshrink_annotated"   # on a converted graph: the quantizer's Annotated
 _PASS_THROUGH = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.ops.aten.hardtanh.default,
                  torch.ops.aten.hardtanh_.default, torch.ops.aten.clamp.default)
 _FLOAT_ATTR = "_deepshrink_float_weight_"
@@ -84,23 +85,23 @@ class Candidate:
         return _EXTRA_BYTES_PER_WEIGHT * self.weights
 
 
-def candidates(converted: GraphModule, weights: dict[str, torch.Tensor], annotated=None) -> list[Candidate]:
-    """Every conv/linear whose weight is a dequantized int8 constant and whose float weight is known;
-    with ``annotated`` (``quantizer.Annotated``), also every other op whose int8 output a float op reads."""
+def candidates(converted: GraphModule, weights: dict[str, torch.Tensor], annotated) -> list[Candidate]:
+    """Every conv/linear whose weight is a dequantized int8 constant and whose float weight is known,
+    and every other op whose int8 output a float op reads (``annotated``: the quantizer's
+    ``Annotated``, kept on the converted graph as ``ANNOTATED``)."""
     out = []
     for node in weighted_nodes(converted):
         weight = node.args[1]
         if _is_dequant(weight) and node.name in weights:
             out.append(Candidate(layer_name(node), node.name, int(weights[node.name].numel())))
-    if annotated is not None:
-        weighted = {n.name for n in weighted_nodes(converted)}
-        for node in converted.graph.nodes:
-            if not _is_quant(node) or not isinstance(node.args[0], Node):
-                continue
-            source = node.args[0]
-            if (source.name in annotated.outputs and source.name not in weighted and source.target not in _PASS_THROUGH
-                    and _float_readers(node, annotated)):
-                out.append(Candidate(f"{layer_name(source)} ({source.name} output)", source.name, 0, kind="output"))
+    weighted = {n.name for n in weighted_nodes(converted)}
+    for node in converted.graph.nodes:
+        if not _is_quant(node) or not isinstance(node.args[0], Node):
+            continue
+        source = node.args[0]
+        if (source.name in annotated.outputs and source.name not in weighted and source.target not in _PASS_THROUGH
+                and _float_readers(node, annotated)):
+            out.append(Candidate(f"{layer_name(source)} ({source.name} output)", source.name, 0, kind="output"))
     return out
 
 
@@ -112,7 +113,7 @@ def _float_readers(quant: Node, annotated) -> list[tuple[Node, Node]]:
 
 
 @contextlib.contextmanager
-def run_in_float(converted: GraphModule, chosen: list[Candidate], weights: dict[str, torch.Tensor], annotated=None):
+def run_in_float(converted: GraphModule, chosen: list[Candidate], weights: dict[str, torch.Tensor], annotated):
     """``converted`` with the ``chosen`` layers computing in float (float weight, input not
     rounded) and the chosen outputs not rounded for their float readers, for the duration;
     restored exactly after."""
@@ -138,7 +139,7 @@ def run_in_float(converted: GraphModule, chosen: list[Candidate], weights: dict[
             # annotated that rounding with this op, so it goes with it
             end = _fused_end(node)
             quant = next((u for u in end.users if _is_quant(u)), None)
-            if quant is not None and annotated is not None:
+            if quant is not None:
                 for dq, reader in _float_readers(quant, annotated):
                     rewrite(reader, dq, end)
             if c.kind == "output":
@@ -169,23 +170,15 @@ def _fused_end(node: Node) -> Node:
     return node
 
 
-def _unrounded(value, annotated=None, floated: set[str] = frozenset()):
+def _unrounded(value, annotated, floated: set[str]):
     """What a float op reads in place of ``dequantize(quantize(x))``: ``x``, unless the quantizer
     gave ``x``'s producer an int8 output (that rounding stays when its reader is float) and the
-    producer is not itself ``floated``. Without ``annotated``, a producer counts as int8 when it
-    reads a dequantized value itself (through ReLU-like ops)."""
+    producer is not itself ``floated``."""
     if not _is_dequant(value) or not _is_quant(value.args[0]):
         return value
-    quant = value.args[0]
-    source = quant.args[0]
-    if annotated is not None:
-        produced_int8 = isinstance(source, Node) and source.name in annotated.outputs and source.name not in floated
-    else:
-        while isinstance(source, Node) and source.op == "call_function" and source.target in _PASS_THROUGH:
-            source = source.args[0]
-        produced_int8 = (isinstance(source, Node) and source.op == "call_function"
-                         and any(_is_dequant(arg) for arg in source.all_input_nodes))
-    return value if produced_int8 else quant.args[0]
+    source = value.args[0].args[0]
+    produced_int8 = isinstance(source, Node) and source.name in annotated.outputs and source.name not in floated
+    return value if produced_int8 else value.args[0].args[0]
 
 
 @torch.no_grad()
@@ -195,7 +188,7 @@ def fidelity_of(gm: GraphModule, batches: list, expected: list) -> dict:
 
 def choose_float_layers(converted: GraphModule, weights: dict[str, torch.Tensor], batches: list, expected: list, *,
                         max_layers: int, min_gain_db: float, max_growth: float,
-                        target_sqnr_db: float | None, annotated=None) -> dict:
+                        target_sqnr_db: float | None, annotated) -> dict:
     """The greedy choice (module docstring), measured on ``converted`` without changing it.
 
     Returns ``{chosen, steps, fidelity_before, budget_bytes, int8_weight_bytes, stopped}``:
@@ -208,9 +201,11 @@ def choose_float_layers(converted: GraphModule, weights: dict[str, torch.Tensor]
     chosen: list[Candidate] = []
     base = fidelity_of(converted, batches, expected)
     current, steps, stopped = base, [], "max_layers reached"
-    for round_ in range(max_layers):
+    for round_ in range(max_layers + 1):
         if target_sqnr_db is not None and current["sqnr_db"] >= target_sqnr_db:
             stopped = f"target {target_sqnr_db:g} dB reached"
+            break
+        if round_ == max_layers:
             break
         spent = sum(c.extra_bytes for c in chosen)
         rows = []
@@ -237,9 +232,6 @@ def choose_float_layers(converted: GraphModule, weights: dict[str, torch.Tensor]
         current = {"agreement": best["agreement"], "sqnr_db": best["sqnr_db"]}
         log.info("mixed precision: %s kept float (+%.2f dB, %s, %d bytes more)", pick.layer, best["gain_db"],
                  describe_fidelity(current), pick.extra_bytes)
-    else:
-        if target_sqnr_db is not None and current["sqnr_db"] >= target_sqnr_db:
-            stopped = f"target {target_sqnr_db:g} dB reached"
     return {
         "chosen": [c.layer for c in chosen], "chosen_nodes": [c.node for c in chosen if c.kind == "output"],
         "chosen_layers": [c.layer for c in chosen if c.kind == "layer"], "steps": steps, "fidelity_before": base, "fidelity_measured": current,
@@ -255,7 +247,7 @@ def _gain(after: float, before: float) -> float:
 
 
 def keep_float(converted: GraphModule, weights: dict[str, torch.Tensor], batches: list, expected: list, requantize,
-               *, config, annotated=None) -> tuple[GraphModule, dict]:
+               *, config, annotated) -> tuple[GraphModule, dict]:
     """Choose (``choose_float_layers``), re-quantize with ``requantize(layers, nodes)`` (module
     paths for ``fp32_layers``, op nodes for ``fp32_nodes``) and keep the result only if its output
     SQNR on ``batches`` rose; returns the model and the report."""

@@ -25,6 +25,7 @@ from deepshrink.core.selection import select
 from deepshrink.core.targets import GUARDED_LAYOUTS, TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8Dynamic, Int8Static
+from deepshrink.quantization.mixed_precision import ANNOTATED
 from deepshrink.quantization.quantizer import build_quantizer, layer_name, quantization_config
 
 
@@ -60,7 +61,6 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
     layout = config.int8_layout or target.quantizer.int8_layout
 
     search: dict[str, dict] = {}
-    annotated: list = []
 
     def ptq(source: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int, list[dict]]:
         auto = config.calibration == "auto"
@@ -70,7 +70,6 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
             fp32_layers=fp32, embeddings=config.embeddings, fp32_nodes=fp32_nodes,
         )
         prepared = prepare_pt2e(source, quantizer)
-        annotated[:] = [quantizer.annotated]
         seen = calibrate(prepared, data, config.calibration_samples)
         if auto:   # one calibration pass: every method picks its range from the same histograms
             search.clear()
@@ -79,6 +78,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         ranges = activation_ranges_of(prepared)
         converted = convert_pt2e(prepared)
         drop_unused_weights(converted)   # the float originals of the folded int8 weights
+        object.__setattr__(converted, ANNOTATED, quantizer.annotated)   # what mixed precision measures by
         return converted, seen, ranges
 
     repairs = config.equalization != "none" or config.bias_correction or config.rounding == "adaround"
@@ -147,7 +147,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
 
         # last: it measures each layer against everything the repairs made of the others
         converted, report = keep_float(converted, float_weights(reference), batches, expected, requantize,
-                                       config=config.mixed_precision, annotated=annotated[0])
+                                       config=config.mixed_precision, annotated=getattr(converted, ANNOTATED))
         object.__setattr__(converted, "_deepshrink_quant", {**converted._deepshrink_quant, "mixed_precision": report})
     return converted
 

@@ -215,9 +215,10 @@ def _recorded_affine(qw: object, weight: torch.Tensor, *, bits: int, group_size:
     """The codes and scales a uniform weight scheme recorded (``WeightQAT``'s learned steps,
     ``WeightOnly``'s), when they are what the runtime stores: symmetric, the same bits, one scale
     per output channel (or per group of the runtime's group size), and still the layer's weight.
-    Refitting min/max scales instead would move a trained grid: after 4-bit LSQ QAT of the
-    LeNet-300-100 the refit weights differ by up to 0.066 and the error rose 1.56 -> 1.84 %.
-    4-bit scales are rounded to bfloat16, as XNNPACK stores them (at most 2^-9 of each weight)."""
+    Refitting min/max scales instead would move a trained grid: LSQ learns steps whose largest
+    code can stay below the range's end, which a refit stretches back to it (the tests: a +-4 grid
+    refit to +-7). 4-bit scales are rounded to bfloat16, as XNNPACK stores them (at most 2^-9 of
+    each weight). ``bench/results/shipped.md``: the QAT'd 4-bit LeNet-300-100 .pte at 1.52 % error."""
     from deepshrink.quantization.lowbit.weights import AffineWeight
 
     if not (isinstance(qw, AffineWeight) and qw.symmetric and qw.bits == bits and weight.dim() == 2):
