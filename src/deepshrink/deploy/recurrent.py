@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepshrink.core.errors import ExportError
+from deepshrink.quantization.quantizer import int8_weights, is_int8_per_row
 
 def _linear(x, w, b=None):
     """``F.linear``; for an int8 weight — ``(codes, scales, zero_points, qmin, qmax)``, see
@@ -234,7 +235,7 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
             directions = 2 if node.args[7] else 1
             params = []
             for index, p in enumerate(node.args[2]):
-                if not _is_int8_per_row(p):
+                if not is_int8_per_row(p):
                     params.append(p)
                 elif index % per == 0 and index < per * directions:   # layer 0's w_ih: float (see above)
                     name = f"_deepshrink_float_{node.name}_{index}"
@@ -245,7 +246,7 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
                     params.append((p.args[0], p.args[1], p.args[2], p.args[4], p.args[5]))
             node.args = (*node.args[:2], params, *node.args[3:])
         node.target = _UNROLLED[node.target]
-    for dq in [n for n in graph.nodes if _is_int8_per_row(n) and not n.users]:
+    for dq in [n for n in graph.nodes if is_int8_per_row(n) and not n.users]:
         graph.erase_node(dq)
     for attr in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
         graph.erase_node(attr)
@@ -270,24 +271,6 @@ def _dequantized(model: torch.fx.GraphModule, dq: torch.fx.Node) -> torch.Tensor
 
 
 unroll_lstms = unroll_recurrent   # the name deploy.api imports
-
-
-def int8_weights(node: torch.fx.Node) -> bool:
-    """Whether every weight matrix (``w_ih``, ``w_hh``; not the biases) of an ``aten.lstm``/``aten.gru``
-    node is int8 codes dequantized per output row — what ``annotate_recurrent`` leaves after
-    ``convert_pt2e``. A cell with any float weight matrix stays float."""
-    params, has_biases = node.args[2], node.args[3]
-    per = 4 if has_biases else 2
-    weights = [p for i, p in enumerate(params) if i % per < 2]
-    return bool(weights) and all(_is_int8_per_row(w) for w in weights)
-
-
-def _is_int8_per_row(node) -> bool:
-    # by name: torch.ops.quantized_decomposed exists only once torchao is imported
-    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
-            and str(node.target) == "quantized_decomposed.dequantize_per_channel.default"
-            and node.args[3] == 0 and node.args[6] == torch.int8
-            and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in node.args[:3]))   # constant codes
 
 
 def _replace(root: nn.Module, names: list[str]) -> None:

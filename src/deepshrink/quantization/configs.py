@@ -16,6 +16,7 @@ from deepshrink.core.targets import INT8_LAYOUTS, Int8Layout
 Calibration = Literal["minmax", "histogram", "percentile", "mse", "entropy", "auto"]
 Equalization = Literal["none", "cle", "cle_relu6_as_relu"]
 Rounding = Literal["nearest", "adaround"]
+RecurrentRounding = Literal["nearest", "gptq"]
 EmbeddingBits = bool | Literal[4, 8]   # True means 8
 DEFAULT_PERCENTILE = 99.99
 
@@ -90,8 +91,15 @@ class Int8Static:
     only: on held-out data a kept repair can still cost a few answers (``bench/results/repairs.md``).
     LSTM and GRU weight matrices are int8 per output row too (weight-only: the graph and the
     ``.onnx`` compute the cell in float from int8 constants; the ``.pte`` rounds each step's linear
-    input to int8 per row, XNNPACK's qd8-f32-qc8w); name the cell in ``fp32_layers`` to keep it float
-    (on the Resemblyzer example: cosine to fp32 0.9948 int8 against 0.9995 float, files 0.26x/0.36x).
+    input to int8 per row, XNNPACK's qd8-f32-qc8w); name the cell in ``fp32_layers`` to keep it float.
+    ``recurrent_rounding``: how those matrices are put on their grids: ``gptq`` (the default)
+    rounds each one column by column with the error spread over the columns not yet rounded
+    (GPTQ, Frantar et al. 2022), measured on the matrix's own inputs in the calibration samples,
+    and scales the first layer's input channels by their magnitude before its rows are quantized
+    (AWQ, Lin et al. 2023: one ``mul`` on the cell's input); kept only if the int8 model's fidelity
+    on the calibration samples does not drop (``quantization.recurrent_rounding``). ``nearest``:
+    nearest rounding on the observer's grid. On the Resemblyzer speaker encoder it is what keeps a
+    3-layer LSTM int8 on power mel frames (``bench/results/examples.md``).
     ``int8_layout``: activation dtype and weight range (``core.targets.INT8_LAYOUTS``); ``None``
     takes the target's (``s8s8`` for XNNPACK, ``u8s8-guarded`` for ONNX Runtime: int8 weights,
     7-bit only in the output channels whose pair sums ONNX Runtime's x86 kernels would saturate on
@@ -113,6 +121,7 @@ class Int8Static:
     bias_correction: bool = False
     equalization: Equalization = "none"
     rounding: Rounding = "nearest"
+    recurrent_rounding: RecurrentRounding = "gptq"
     fp32_layers: tuple[str, ...] = ()
     int8_layout: Int8Layout | None = None
     embeddings: EmbeddingBits = True

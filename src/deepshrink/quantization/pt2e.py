@@ -26,7 +26,7 @@ from deepshrink.core.targets import GUARDED_LAYOUTS, TargetProfile
 from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8Dynamic, Int8Static
 from deepshrink.quantization.mixed_precision import ANNOTATED
-from deepshrink.quantization.quantizer import build_quantizer, layer_name, quantization_config
+from deepshrink.quantization.quantizer import RECURRENT_TARGETS, build_quantizer, layer_name, quantization_config
 
 
 @torch.no_grad()
@@ -82,8 +82,10 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         return converted, seen, ranges
 
     repairs = config.equalization != "none" or config.bias_correction or config.rounding == "adaround"
+    recurrent = config.recurrent_rounding == "gptq" and any(
+        n.op == "call_function" and n.target in RECURRENT_TARGETS for n in graph.graph.nodes)
     # mixed precision and the calibration search measure against the float function like the repairs do
-    measured = repairs or config.mixed_precision is not None or config.calibration == "auto"
+    measured = repairs or recurrent or config.mixed_precision is not None or config.calibration == "auto"
     if measured:
         from deepshrink.quantization.bias_correction import calibration_batches, channel_means
 
@@ -119,6 +121,11 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         weights = float_weights(reference) if reference is not None else source_weights
         guard_batches = batches if measured else calibration_batches(data, config.calibration_samples)
         details["weight_range"] = guard_weight_range(converted, weights, guard_batches)
+    if recurrent:
+        from deepshrink.quantization.recurrent_rounding import round_recurrent
+
+        # first: the layers after a cell (a projection, AdaRound's and bias correction's) then see it re-rounded
+        details["recurrent_rounding"] = round_recurrent(converted, reference, batches, expected=expected)
     if config.rounding == "adaround":
         from deepshrink.quantization.adaround import adaround
 

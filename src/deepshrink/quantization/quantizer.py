@@ -228,6 +228,31 @@ def annotate_recurrent(gm: torch.fx.GraphModule, filter_fn=None, *, qat: bool = 
     return marked
 
 
+def recurrent_matrices(cell: Node) -> list:
+    """The weight matrices (``w_ih``, ``w_hh`` of every layer and direction; not the biases) among
+    an ``aten.lstm`` / ``aten.gru`` node's parameters, in their order."""
+    params, has_biases = cell.args[2], cell.args[3]
+    per = 4 if has_biases else 2
+    return [p for i, p in enumerate(params) if i % per < 2]
+
+
+def is_int8_per_row(node) -> bool:
+    """Whether ``node`` dequantizes constant int8 codes with one scale per output row (axis 0):
+    what ``annotate_recurrent`` leaves of a weight matrix after ``convert_pt2e``."""
+    # by name: torch.ops.quantized_decomposed exists only once torchao is imported
+    return (isinstance(node, Node) and node.op == "call_function"
+            and str(node.target) == "quantized_decomposed.dequantize_per_channel.default"
+            and node.args[3] == 0 and node.args[6] == torch.int8
+            and all(isinstance(a, Node) and a.op == "get_attr" for a in node.args[:3]))   # constant codes
+
+
+def int8_weights(cell: Node) -> bool:
+    """Whether every weight matrix of an ``aten.lstm``/``aten.gru`` node is int8 per row
+    (``is_int8_per_row``). A cell with any float weight matrix stays float."""
+    weights = recurrent_matrices(cell)
+    return bool(weights) and all(is_int8_per_row(w) for w in weights)
+
+
 def scalars_to_float_attrs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """XNNPACK's scalar-to-tensor pass (so ``x + 1.5`` can carry a quantization spec), applied only
     to float adds and muls: XNNPACK's own makes every scalar a float tensor, which turns integer
