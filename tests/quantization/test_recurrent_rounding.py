@@ -145,3 +145,28 @@ def test_input_scaled_cell_in_both_files(splits, tmp_path):
         produced = torch.cat([runner.predict_all(s[None])[0] for s in samples])
         # .onnx: the float cell on the same constants; .pte: the deeper layers' inputs rounded per row at run time
         assert (produced - graph_out).abs().max().item() < (1e-4 if suffix == ".onnx" else 0.02), suffix
+
+
+def test_the_report_lists_every_matrix_and_the_check(splits):
+    from deepshrink.report.html import render_report
+
+    record = ds.quantize_report(ds.quantize(Encoder().eval(), ds.Int8Static(), data=splits))["recurrent_rounding"]
+    stage = {"index": 0, "stage": {"quantize": {}}, "seconds": 1.0, "summary": {"line": "x", "recurrent_rounding": record}}
+    html = render_report({"variants": {}, "shipped": None, "stages": [stage]}, title="t")
+    assert "Recurrent cells: GPTQ rounding of the int8 weight matrices — kept" in html
+    row = html[html.index("<td>lstm.weight_ih_l0</td>"):].split("</tr>")[0]
+    first = record["matrices"][0]
+    assert f"{first['alpha']:.4g}" in row and f"{first['error_ratio']:.4g}" in row and "GPTQ" in row
+
+
+def test_the_setting_round_trips_and_an_unknown_one_is_refused():
+    import yaml
+
+    from deepshrink.core.config import from_dict, to_dict
+    from deepshrink.core.errors import ConfigError
+    from deepshrink.quantization.configs import Int8Static
+
+    config = Int8Static(recurrent_rounding="nearest")
+    assert from_dict(Int8Static, yaml.safe_load(yaml.safe_dump(to_dict(config)))) == config
+    with pytest.raises(ConfigError, match="recurrent_rounding"):
+        from_dict(Int8Static, {"recurrent_rounding": "adaround"})
