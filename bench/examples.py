@@ -39,6 +39,29 @@ OUT = REPO / "bench" / ".cache" / "examples"
 RESULT = REPO / "bench" / "results" / "examples.md"
 
 
+REPAIRS = {"equalization": "equalization", "recurrent_rounding": "recurrent rounding (GPTQ)", "adaround": "AdaRound",
+           "bias_correction": "bias correction", "mixed_precision": "mixed precision"}
+
+
+def repairs_line(metrics: dict) -> str:
+    """The int8 repairs the recipe's quantize stage ran in this run, each with the output SQNR (and
+    top-1 agreement, where the output is a classifier's) it measured on the calibration samples
+    with and without it: the quantize record in the run's ``metrics.json``."""
+    found = []
+    for stage in metrics.get("stages", []):
+        summary = stage.get("summary") if isinstance(stage.get("summary"), dict) else {}
+        for key, label in REPAIRS.items():
+            record = summary.get(key)
+            if not isinstance(record, dict) or "fidelity_before" not in record or record.get("fidelity_after") is None:
+                continue
+            before, after = record["fidelity_before"], record["fidelity_after"]
+            kept = record.get("kept", record.get("applied"))
+            found.append(f"{label} {'kept' if kept else 'dropped'}: SQNR {before['sqnr_db']:.1f} -> {after['sqnr_db']:.1f} dB")
+    if not found:
+        return ""
+    return "\n\n- int8 repairs in this run (the quantize record, on the calibration samples, without -> with): " + "; ".join(found)
+
+
 def run_recipe_cli(name: str) -> dict:
     out = OUT / name
     subprocess.run([sys.executable, "-m", "deepshrink.cli", "run", str(REPO / "examples" / "recipes" / f"{name}.yaml"),
@@ -140,7 +163,7 @@ def main() -> None:
         sections[name] = (f"### {name} (`examples/recipes/{name}.yaml`; {len(eval_batches)} eval samples; figure: {headline})\n\n"
                           f"{provenance(f'python bench/examples.py {name}', threads=1)}\n\n"
                           "| variant | runtime | " + str(headline) + " | fidelity figures | bytes | × fp32 file | latency median ms |\n"
-                          "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows))
+                          "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + repairs_line(metrics))
     # a run of some examples replaces their sections and keeps the others' (each says how it was made)
     kept = _sections(RESULT.read_text()) if RESULT.is_file() else {}
     merged = {n: sections.get(n) or kept.get(n) for n in EXAMPLES if sections.get(n) or kept.get(n)}
