@@ -164,7 +164,12 @@ def main() -> None:
                           f"{provenance(f'python bench/examples.py {name}', threads=1)}\n\n"
                           "| variant | runtime | " + str(headline) + " | fidelity figures | bytes | × fp32 file | latency median ms |\n"
                           "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + repairs_line(metrics))
-    # a run of some examples replaces their sections and keeps the others' (each says how it was made)
+    print(write_results(sections))
+
+
+def write_results(sections: dict[str, str]) -> str:
+    """bench/results/examples.md with ``sections`` replacing those of their examples; the others'
+    are kept (each says how it was made). Returns the text written."""
     kept = _sections(RESULT.read_text()) if RESULT.is_file() else {}
     merged = {n: sections.get(n) or kept.get(n) for n in EXAMPLES if sections.get(n) or kept.get(n)}
     text = f"""# Example models: our int8 beside the runtimes' own, fidelity in each runtime
@@ -179,7 +184,7 @@ def main() -> None:
 {(chr(10) + chr(10)).join(merged.values())}
 """
     RESULT.write_text(text)
-    print(text)
+    return text
 
 
 def _sections(text: str) -> dict[str, str]:
