@@ -158,3 +158,27 @@ def test_int8_cell_in_both_files(data, cell, config, tmp_path):
     for path in (tmp_path / "int8.onnx", tmp_path / "int8.pte"):
         produced = torch.cat([open_runner(path).predict_all(s[None])[0] for s in samples])
         assert (produced - reference).abs().max().item() < 0.004, path.name
+
+
+def test_an_lstm_with_a_projection_stays_float_instead_of_failing():
+    """proj_size adds a w_hr per layer, so the parameters are not (w_ih, w_hh, b_ih, b_hh): the
+    per-row observers once landed on a bias and calibration failed (IndexError in the observer)."""
+
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn, self.fc = nn.LSTM(FEATURES, HIDDEN, 2, batch_first=True, proj_size=8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.fc(out[:, -1])
+
+    samples = _samples()
+    model = Projected().eval()
+    quantized = ds.quantize(model, ds.Int8Static(), data=ds.data.from_samples(calib=samples, eval=samples))
+    assert [tuple(c.shape) for c in _int8_tensors(quantized)] == [(4, 8)]   # fc only: the cell stays float
+    assert ds.quantize_report(quantized)["recurrent_rounding"] == {"applied": False, "cells": 0}
+    x = torch.stack(samples)
+    with torch.no_grad():
+        assert (quantized(x) - model(x)).abs().max().item() < 0.01

@@ -218,9 +218,9 @@ def annotate_recurrent(gm: torch.fx.GraphModule, filter_fn=None, *, qat: bool = 
             continue
         if filter_fn is not None and not filter_fn(node):
             continue
-        params, has_biases = node.args[2], node.args[3]
-        per = 4 if has_biases else 2
-        weights = [p for i, p in enumerate(params) if i % per < 2]
+        weights = recurrent_matrices(node)
+        if not weights:   # an LSTM with proj_size: its parameter layout is not (w_ih, w_hh, biases); stays float
+            continue
         if not all(isinstance(w, Node) and w.op == "get_attr" for w in weights):   # computed weights stay float
             continue
         node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map={w: spec for w in weights}, _annotated=True)
@@ -230,9 +230,12 @@ def annotate_recurrent(gm: torch.fx.GraphModule, filter_fn=None, *, qat: bool = 
 
 def recurrent_matrices(cell: Node) -> list:
     """The weight matrices (``w_ih``, ``w_hh`` of every layer and direction; not the biases) among
-    an ``aten.lstm`` / ``aten.gru`` node's parameters, in their order."""
-    params, has_biases = cell.args[2], cell.args[3]
+    an ``aten.lstm`` / ``aten.gru`` node's parameters, in their order; none for an LSTM with a
+    projection (``proj_size``: a ``w_hr`` per layer), which every int8 scheme leaves float."""
+    params, has_biases, num_layers, bidirectional = cell.args[2], cell.args[3], cell.args[4], cell.args[7]
     per = 4 if has_biases else 2
+    if len(params) != per * num_layers * (2 if bidirectional else 1):   # a projection (proj_size): not these
+        return []
     return [p for i, p in enumerate(params) if i % per < 2]
 
 
