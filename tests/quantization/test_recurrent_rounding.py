@@ -62,7 +62,7 @@ def test_gptq_beats_nearest_rounding_on_correlated_inputs_and_keeps_the_grid():
     h = x.double().T @ x.double()
     ratio = output_error(w, codes.double() * scales[:, None], h) / output_error(w, nearest.double() * scales[:, None], h)
     assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
-    assert ratio < 0.6, ratio   # measured 0.33
+    assert ratio < 0.6, ratio   # measured 0.49
     # a weight already on its grid is returned as its own codes: there is no error to spread
     on_grid = nearest * scales[:, None]
     assert torch.equal(gptq(on_grid, x.T @ x, scales, -127, 127).to(torch.float32), nearest)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepshrink.core.errors import ExportError
+from deepshrink.quantization.graph_passes import get_attr_tensor, per_row_dequantized
 from deepshrink.quantization.quantizer import int8_weights, is_int8_per_row
 
 def _linear(x, w, b=None):
@@ -239,7 +240,7 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
                     params.append(p)
                 elif index % per == 0 and index < per * directions:   # layer 0's w_ih: float (see above)
                     name = f"_deepshrink_float_{node.name}_{index}"
-                    floats[name] = _dequantized(model, p)
+                    floats[name] = per_row_dequantized(model, p).float()
                     with graph.inserting_before(node):
                         params.append(graph.get_attr(name))
                 else:
@@ -252,22 +253,9 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
         graph.erase_node(attr)
     # what the new graph reads, by name: the model's tensors and modules (shared, not copied) and the
     # float constants; the codes those replace are not carried into the file
-    root = {n.target: floats[n.target] if n.target in floats else _attr(model, n.target)
+    root = {n.target: floats[n.target] if n.target in floats else get_attr_tensor(model, n)
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     return torch.fx.GraphModule(root, graph)
-
-
-def _attr(model: nn.Module, target: str):
-    value = model
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _dequantized(model: torch.fx.GraphModule, dq: torch.fx.Node) -> torch.Tensor:
-    """The float weight a ``dequantize_per_channel`` node of constant codes computes."""
-    codes, scales, zero_points = (_attr(model, a.target) for a in dq.args[:3])
-    return torch.ops.quantized_decomposed.dequantize_per_channel(codes, scales, zero_points, *dq.args[3:]).detach()
 
 
 unroll_lstms = unroll_recurrent   # the name deploy.api imports

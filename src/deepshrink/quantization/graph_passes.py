@@ -97,6 +97,14 @@ def set_attr_tensor(gm: GraphModule, node: Node, value: torch.Tensor) -> None:
         setattr(owner, leaf, new)
 
 
+def per_row_dequantized(gm: GraphModule, dq: Node) -> torch.Tensor:
+    """The weight a per-channel ``dequantize`` of constant codes (``quantizer.is_int8_per_row``)
+    computes, in float64: exact (an int8 code times a float32 scale), and ``.float()`` is the
+    float32 the graph computes."""
+    codes, scales, zero_points = (get_attr_tensor(gm, a) for a in dq.args[:3])
+    return ((codes.double() - zero_points.double()[:, None]) * scales.double()[:, None]).detach()
+
+
 def bias_node(gm: GraphModule, layer: Node, *, create: bool) -> Node | None:
     """The ``get_attr`` node feeding ``layer``'s bias; with ``create``, a zero bias is added if absent."""
     bias = layer.args[2] if len(layer.args) > 2 else None

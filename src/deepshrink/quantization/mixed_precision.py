@@ -178,7 +178,7 @@ def _unrounded(value, annotated, floated: set[str]):
         return value
     source = value.args[0].args[0]
     produced_int8 = isinstance(source, Node) and source.name in annotated.outputs and source.name not in floated
-    return value if produced_int8 else value.args[0].args[0]
+    return value if produced_int8 else source
 
 
 @torch.no_grad()

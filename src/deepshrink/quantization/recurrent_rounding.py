@@ -50,7 +50,7 @@ from torch.fx import GraphModule, Node
 from deepshrink.core import samples as S
 from deepshrink.core.progress import progress
 from deepshrink.quantization.bias_correction import output_fidelity
-from deepshrink.quantization.graph_passes import get_attr_tensor, record_nodes, set_attr_tensor
+from deepshrink.quantization.graph_passes import get_attr_tensor, per_row_dequantized, record_nodes, set_attr_tensor
 from deepshrink.quantization.quantizer import RECURRENT_TARGETS, int8_weights, is_int8_per_row, recurrent_matrices
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,7 @@ def round_recurrent(converted: GraphModule, reference: GraphModule, batches: lis
 
 
 def recurrent_rounding_line(record: dict) -> str:
-    """One line for a log: what was re-rounded, whether it was kept, and the fidelity either way."""
-    if not record.get("applied"):
-        return "no int8 LSTM/GRU cell"
+    """One line for a log of an applied re-rounding: what, whether it was kept, the fidelity either way."""
     scaled = [m for m in record["matrices"] if m["alpha"]]
     inputs = f"; input scales on {', '.join(m['matrix'] for m in scaled)}" if scaled else ""
     before, after = record["fidelity_before"]["sqnr_db"], record["fidelity_after"]["sqnr_db"]
@@ -191,19 +189,19 @@ def _round_cell(gm: GraphModule, cell: Node, float_cell: Node, reference: GraphM
         if layer == 0:
             mean_abs = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]).double().abs().mean(0)
             factor = _input_scales(gm, [p[0] for p in layer_params], [float_weight(0, d, 0) for d in range(directions)],
-                                   moments, mean_abs, report, [_name(cell, 0, "ih", directions, d) for d in range(directions)])
+                                   moments, mean_abs, report, [_name(cell, 0, "ih", d) for d in range(directions)])
             if factor is not None:
                 quantized_rows = [r / factor.to(r.dtype) for r in rows]
                 _scale_input(gm, cell, factor)
         else:
             for direction, p in enumerate(layer_params):
                 report.append(_round_matrix(gm, p[0], float_weight(layer, direction, 0), moments,
-                                            _name(cell, layer, "ih", directions, direction)))
+                                            _name(cell, layer, "ih", direction)))
         # w_hh: the state each step reads, from the layer run in float on its input
         previous = [_run_layer(cell, float_params, reference, layer, r, state, lstm)[1] for r, state in zip(rows, states)]
         for direction, p in enumerate(layer_params):
             report.append(_round_matrix(gm, p[1], float_weight(layer, direction, 1), Moments([prev[direction] for prev in previous]),
-                                        _name(cell, layer, "hh", directions, direction)))
+                                        _name(cell, layer, "hh", direction)))
         # the next layer's input: this layer with its re-rounded weights
         rows = [_run_layer(cell, params, gm, layer, r, state, lstm, dequantize=True)[0]
                 for r, state in zip(quantized_rows, states)]
@@ -232,7 +230,7 @@ def _input_scales(gm, dqs: list[Node], weights: list[torch.Tensor], moments: Mom
         if best is None or sum(errors) < sum(best[1]):
             best = (alpha, errors, fit, s)
     alpha, errors, fit, s = best
-    nearest = [output_error(w, _dequantize(gm, dq), moments.full) for w, dq in zip(weights, dqs)]
+    nearest = [output_error(w, per_row_dequantized(gm, dq), moments.full) for w, dq in zip(weights, dqs)]
     if sum(errors) >= sum(nearest):   # the observer's grid and nearest rounding stay
         report += [{"matrix": n, "alpha": 0.0, "error_ratio": round(e / b, 4) if b else 1.0, "gptq": False}
                    for n, e, b in zip(names, errors, nearest)]
@@ -255,7 +253,7 @@ def _round_matrix(gm, dq: Node, weight: torch.Tensor, moments: Moments, name: st
     rounding on held-out inputs. ``error_ratio``: held-out output error against nearest's."""
     scales = get_attr_tensor(gm, dq.args[1]).double()
     qmin, qmax = dq.args[4], dq.args[5]
-    nearest = output_error(weight, _dequantize(gm, dq), moments.full)
+    nearest = output_error(weight, per_row_dequantized(gm, dq), moments.full)
     held = _held_out(lambda h: gptq(weight, h, scales, qmin, qmax).double() * scales[:, None], weight, moments)
     better = held < nearest
     if better:
@@ -274,7 +272,7 @@ def _run_layer(cell: Node, params: list, owner: GraphModule, layer: int, rows: t
     for direction in range(directions):
         k = layer * directions + direction
         for p in params[k * per:(k + 1) * per]:
-            chosen.append(_dequantize(owner, p).float() if dequantize and is_int8_per_row(p) else get_attr_tensor(owner, p))
+            chosen.append(per_row_dequantized(owner, p).float() if dequantize and is_int8_per_row(p) else get_attr_tensor(owner, p))
     h0 = state[0] if lstm else state
     h = h0[layer * directions:(layer + 1) * directions]
     with torch.no_grad():
@@ -333,15 +331,9 @@ def _codes_and_scales(gm: GraphModule, cell: Node) -> list:
     return [(get_attr_tensor(gm, dq.args[0]).clone(), get_attr_tensor(gm, dq.args[1]).clone()) for dq in recurrent_matrices(cell)]
 
 
-def _dequantize(gm: GraphModule, dq: Node) -> torch.Tensor:
-    codes, scales, zero_points = (get_attr_tensor(gm, a) for a in dq.args[:3])
-    return (codes.double() - zero_points.double()[:, None]) * scales.double()[:, None]
-
-
 def _time_major(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
     return x.transpose(0, 1) if batch_first else x
 
 
-def _name(cell: Node, layer: int, kind: str, directions: int, direction: int | None = None) -> str:
-    suffix = "" if direction is None or directions == 1 else ("_reverse" if direction else "")
-    return f"{cell.name}.weight_{kind}_l{layer}{suffix}"
+def _name(cell: Node, layer: int, kind: str, direction: int) -> str:
+    return f"{cell.name}.weight_{kind}_l{layer}{'_reverse' if direction else ''}"
