@@ -12,11 +12,14 @@ int8 fidelity to the float model on the calibration samples does not drop); the 
 the guard did. Every file, and the fp32 .pte and .onnx of the dense model, is measured in its
 runtime in one ``evaluate_many`` call: top-1 agreement with the fp32 model and test accuracy on the
 full 10,000-image test split, file bytes, batch-1 latency (1 thread, interleaved).
+Each repaired file is also paired with the unrepaired one of its runtime, image by image: the images it fixed and
+broke, and an exact sign test on them, so that a difference of a few images is not read as a repair's effect.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from collections import Counter
 
@@ -27,6 +30,8 @@ from common import REPO, SHARED_DATA, provenance
 import deepshrink
 from deepshrink.deploy import export
 from deepshrink.evaluation.compare import evaluate_many
+from deepshrink.evaluation.metrics import eval_batches, run_outputs
+from deepshrink.evaluation.runners import open_runner
 from deepshrink.quantization.mixed_precision import mixed_precision_line
 from deepshrink.models import create, load, save_checkpoint
 from deepshrink.quantization import Int8Static, MixedPrecision, quantize
@@ -114,8 +119,24 @@ def guard_fidelity(record: dict) -> str:
         parts.append(f"AdaRound with {fmt(ada.get('fidelity_after'))}, nearest rounding {fmt(ada.get('fidelity_before'))}")
     bc = record.get("bias_correction")
     if bc is not None:
-        parts.append(f"bias correction after {fmt(bc.get('fidelity_after'))}, before {fmt(bc.get('fidelity_before'))}")
+        parts.append(f"bias correction after {fmt(bc.get('fidelity_after'))}, before {fmt(bc.get('fidelity_before'))}"
+                     + (f" (fitted on one half, scored on the other: after {fmt(bc['fidelity_held_out_after'])}, "
+                        f"before {fmt(bc['fidelity_held_out_before'])})" if bc.get("fidelity_held_out_after") else ""))
     return "; ".join(parts)
+
+
+def sign_test(fixed: int, broken: int) -> float:
+    """Two-sided exact sign (McNemar) test: the chance of a split at least this uneven of the
+    ``fixed + broken`` images on which two files disagree, if neither file were the better."""
+    n, k = fixed + broken, min(fixed, broken)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def top1(path, batches: list) -> torch.Tensor:
+    """Every test image's top-1 through the file in its runtime."""
+    return torch.cat([o[0].argmax(-1) for o in run_outputs(open_runner(path, threads=THREADS), batches)])
 
 
 def main() -> None:
@@ -168,14 +189,26 @@ def main() -> None:
         return measured[label].fidelity["top1_agreement"]
 
     n_test = measured["fp32.pte"].test_samples
+    # paired against "none" of the same runtime: which images each repair fixed and broke
+    batches = eval_batches(data.test)[0]
+    with torch.no_grad():
+        fp32_top1 = torch.cat([model(b).argmax(-1) for b in batches])
+    right = {label: top1(path, batches) == fp32_top1 for label, path in files.items()}
+    paired = {}
+    for r in rows:
+        if r["quantize_s"] is not None and r["setting"] != "none":
+            base, this = right[f"none {TARGETS[r['target']]}"], right[r["label"]]
+            fixed, broken = int((~base & this).sum()), int((base & ~this).sum())
+            paired[r["label"]] = (fixed, broken, sign_test(fixed, broken))
     lines = []
     for r in rows:
         m = measured[r["label"]]
         agree = agreement(r["label"])
         qs = "—" if r["quantize_s"] is None else f"{r['quantize_s']:.1f}"
+        pair = "—" if r["label"] not in paired else "{} / {} (p {:.2f})".format(*paired[r["label"]])
         lines.append(
             f"| {r['setting']} | {RUNTIME[r['target']]} | {r['summary']} | {100 * agree:.2f} ({round((1 - agree) * m.test_samples)}) | "
-            f"{100 * m.accuracy:.2f} | {qs} | "
+            f"{pair} | {100 * m.accuracy:.2f} | {qs} | "
             f"{m.file_bytes:,} | {m.latency_ms_median * 1e3:.1f} |")
 
     verdicts = []
@@ -194,6 +227,12 @@ def main() -> None:
             f"- {RUNTIME[target]}: no repair lowers agreement vs \"none\" ({100 * base:.2f} %): "
             + ("reached" if not lower else "missed (" + ", ".join(
                 f"{s} {100 * a:.2f} %, {round((base - a) * n_test)} more images disagree" for s, a in lower).replace(" disagree, ", " disagree; ") + ")") + ".")
+        worse = [(s, paired[f"{s} {suffix}"]) for s in SETTINGS if s != "none"
+                 and paired[f"{s} {suffix}"][1] > paired[f"{s} {suffix}"][0] and paired[f"{s} {suffix}"][2] < 0.05]
+        verdicts.append(
+            f"- {RUNTIME[target]}: no repair lowers agreement vs \"none\" beyond chance (sign test on the images the two files "
+            "disagree on, p < 0.05): " + ("reached" if not worse else "missed (" + "; ".join(
+                f"{s}: {f} fixed, {b} broken, p {p:.3f}" for s, (f, b, p) in worse) + ")") + ".")
 
     # rows whose files are byte-identical (the guard dropped the repair, or there was nothing to do): the same
     # model measured in different slots of the interleaved run, so their latency spread is noise and order alone
@@ -226,7 +265,8 @@ Quantization: `Int8Static` (histogram calibration, 256 calibration samples from 
 as each target sets them: `s8s8` for XNNPACK, `u8s8-guarded` for ONNX Runtime), `quantize(copy.deepcopy(model), config,
 data=data, target=...)` then `export(q, path, example_input=data.example_input(64), target=...)`. Each repair is guarded:
 kept only if the int8 model's fidelity to the float model on the 256 calibration samples does not drop — top-1 agreement
-AND output SQNR both at least as high as without it (`quantization.bias_correction.no_worse`); AdaRound is judged after
+AND output SQNR both at least as high as without it (`quantization.bias_correction.no_worse`); bias correction, fitted to
+those samples, must also pass that check fitted on each half of them and scored on the other; AdaRound is judged after
 the equalization decision, bias correction after both. Mixed precision (`MixedPrecision()`: at most 3 layers, each
 gaining >= 0.5 dB of output SQNR, within 25 % more weight bytes) measures every int8 layer in float on the calibration
 samples after the other repairs, re-quantizes with the chosen ones float and keeps that if the output SQNR rose
@@ -235,11 +275,14 @@ samples after the other repairs, re-quantizes with the chosen ones float and kee
 ## Results
 
 Agreement and accuracy: all {n_test:,} images of the official test split, run through each file in its runtime; agreement is
-against the fp32 PyTorch model, with the count of images whose top-1 differs in brackets. Latency: batch 1, {THREADS} thread,
+against the fp32 PyTorch model, with the count of images whose top-1 differs in brackets. "vs none": of the images on which
+a repaired file and the unrepaired file of the same runtime differ, how many the repair fixed (now agreeing with fp32)
+and broke, and the two-sided exact sign test's p: the chance of a split at least that uneven if neither file were the
+better (a handful of images either way is what a different calibration set or CPU moves). Latency: batch 1, {THREADS} thread,
 median of {LATENCY_RUNS} calls after {WARMUP} warm-up, all {len(files)} files interleaved in one run.
 
-| repair setting | runtime | repair applied? (guard) | top-1 agreement with fp32 % (disagreeing images) | test accuracy % | quantize s | file bytes | median µs |
-|---|---|---|---:|---:|---:|---:|---:|
+| repair setting | runtime | repair applied? (guard) | top-1 agreement with fp32 % (disagreeing images) | vs "none": images fixed / broken (sign test p) | test accuracy % | quantize s | file bytes | median µs |
+|---|---|---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(lines)}
 
 The guard's own check (int8 vs float on the 256 calibration samples: top-1 agreement / SQNR), as recorded in

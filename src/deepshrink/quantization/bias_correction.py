@@ -8,12 +8,20 @@ input). That order once cost two whole-model passes per layer (minutes on a deep
 is four passes whatever the depth, each batched: the float graph and the uncorrected int8 graph
 with a tap after every conv/linear (a temporary graph node that sums its input per channel),
 one layer-major pass that corrects every layer in order (``correct_layer_by_layer``), and one
-pass to measure the result. The correction is a change of the float bias that XNNPACK and ONNX
+pass to measure the result (the cross-validated check below adds the same passes again on
+half the samples per fold). The correction is a change of the float bias that XNNPACK and ONNX
 Runtime read at export, so it reaches the runtime.
 
 ``output_fidelity`` / ``no_worse``: top-1 agreement (for ``[N, classes]`` outputs) and SQNR of a
 quantized model's outputs against the float ones on the calibration samples; bias correction
 and cross-layer equalization are each kept only if neither gets worse.
+
+The correction is fitted to the samples, so its fidelity on them flatters it: one bias per
+channel, and a classifier's last layer has ten, estimated from a few hundred samples. It is
+therefore also judged cross-validated (``_cross_validated``): fitted on one half of the
+calibration samples and scored on the other, both ways round, the two scored halves pooled. It
+is kept only if neither check says it lowers fidelity; with a single calibration sample there
+are no halves and only the first check runs.
 """
 from __future__ import annotations
 
@@ -120,9 +128,12 @@ def describe_fidelity(f: dict) -> str:
 def correct_bias(quantized: GraphModule, reference: GraphModule, batches: list, *, expected: list | None = None) -> dict:
     """Correct ``quantized``'s conv/linear biases in place toward ``reference`` (the float graph
     it was quantized from, same node names), keeping the correction only if the output fidelity
-    against ``expected`` (default: ``reference``'s outputs) on ``batches`` does not drop.
+    against ``expected`` (default: ``reference``'s outputs) on ``batches`` does not drop, neither
+    fitted on all of them nor fitted on each half and scored on the other.
 
-    Returns ``{kept, fidelity_before, fidelity_after, layers}``; ``layers`` has ``{layer, node,
+    Returns ``{kept, fidelity_before, fidelity_after, fidelity_held_out_before,
+    fidelity_held_out_after, layers}`` (the held-out pair ``None`` without two halves, see the
+    module docstring); ``layers`` has ``{layer, node,
     mean_abs_shift_before, mean_abs_shift_after}`` per layer: the mean over channels of
     ``|E[y_float] - E[y_quant]|`` without and with the correction (measured whatever was kept).
     """
@@ -134,24 +145,65 @@ def correct_bias(quantized: GraphModule, reference: GraphModule, batches: list, 
     before, uncorrected = channel_means(quantized, batches, names, desc="bias correction: int8 before")
     biases = {n.name: bias_node(quantized, n, create=True) for n in layers}
     original = {name: get_attr_tensor(quantized, node).detach().clone() for name, node in biases.items()}
+    folds = _folds(batches, expected)
+    held_out = None if folds is None else _cross_validated(quantized, reference, folds, names, biases, original)
     correct_layer_by_layer(quantized, batches, target, biases)
     after, corrected = channel_means(quantized, batches, names, desc="bias correction: int8 after")
     fidelity_before, fidelity_after = output_fidelity(expected, uncorrected), output_fidelity(expected, corrected)
-    kept = no_worse(fidelity_after, fidelity_before)
+    kept = no_worse(fidelity_after, fidelity_before) and (held_out is None or no_worse(held_out["after"], held_out["before"]))
     if not kept:
-        for name, node in biases.items():
-            set_attr_tensor(quantized, node, original[name])
-    log.info("bias correction %s: int8 %s with it, %s without, on %d calibration samples",
+        _restore(quantized, biases, original)
+    log.info("bias correction %s: int8 %s with it, %s without, on %d calibration samples%s",
              "kept" if kept else "dropped (it lowered fidelity)", describe_fidelity(fidelity_after), describe_fidelity(fidelity_before),
-             sum(S.batch_size(x) for x in batches))
+             sum(S.batch_size(x) for x in batches),
+             "" if held_out is None else f"; fitted on one half and scored on the other: {describe_fidelity(held_out['after'])} "
+                                         f"with it, {describe_fidelity(held_out['before'])} without")
     return {
         "kept": kept, "fidelity_before": fidelity_before, "fidelity_after": fidelity_after,
+        "fidelity_held_out_before": None if held_out is None else held_out["before"],
+        "fidelity_held_out_after": None if held_out is None else held_out["after"],
         "layers": [{
             "layer": layer_name(layer), "node": layer.name,
             "mean_abs_shift_before": float((target[layer.name] - before[layer.name]).abs().mean()),
             "mean_abs_shift_after": float((target[layer.name] - after[layer.name]).abs().mean()),
         } for layer in layers],
     }
+
+
+def _folds(batches: list, expected: list) -> list[tuple[list, list]] | None:
+    """The calibration samples in two disjoint halves, ``(batches, expected outputs)`` each:
+    every other batch, or the two halves of a lone batch; ``None`` for a single sample."""
+    if len(batches) >= 2:
+        return [(batches[0::2], expected[0::2]), (batches[1::2], expected[1::2])]
+    n = S.batch_size(batches[0])
+    if n < 2:
+        return None
+    half = n // 2
+
+    def rows(outputs, start: int, stop: int):   # a model's outputs: the tensors that carry the batch
+        return S.map_tensors(lambda t: t[start:stop] if t.dim() and t.shape[0] == n else t, outputs)
+    return [([S.take(batches[0], 0, half)], [rows(expected[0], 0, half)]),
+            ([S.take(batches[0], half, n)], [rows(expected[0], half, n)])]
+
+
+def _cross_validated(quantized: GraphModule, reference: GraphModule, folds: list, names: list[str], biases: dict,
+                     original: dict) -> dict:
+    """``{before, after}``: the output fidelity without and with a correction fitted on the other
+    fold, over both folds pooled. ``quantized`` is left with its ``original`` biases."""
+    expected, before, after = [], [], []
+    for k, ((fit, _), (score, score_expected)) in enumerate(((folds[0], folds[1]), (folds[1], folds[0]))):
+        target = channel_means(reference, fit, names, desc=f"bias correction: float reference, fold {k + 1} of 2")[0]
+        correct_layer_by_layer(quantized, fit, target, biases)
+        after += channel_means(quantized, score, [], desc=f"bias correction: held-out half, corrected, fold {k + 1} of 2")[1]
+        _restore(quantized, biases, original)
+        before += channel_means(quantized, score, [], desc=f"bias correction: held-out half, uncorrected, fold {k + 1} of 2")[1]
+        expected += score_expected
+    return {"before": output_fidelity(expected, before), "after": output_fidelity(expected, after)}
+
+
+def _restore(gm: GraphModule, biases: dict, original: dict) -> None:
+    for name, node in biases.items():
+        set_attr_tensor(gm, node, original[name])
 
 
 @torch.no_grad()
