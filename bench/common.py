@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import subprocess
 import sys
@@ -33,3 +34,12 @@ def provenance(command: str, threads: int | None = None) -> str:
     if threads is not None:
         lines.append(f"- threads: {threads}")
     return "\n".join(lines)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign (McNemar) test: the chance of a split at least this uneven of the
+    ``wins + losses`` samples on which two files differ, if neither were the better (ties left out)."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)

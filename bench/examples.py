@@ -22,8 +22,9 @@ import subprocess
 import sys
 
 import torch
+import torch.nn.functional as F
 
-from common import REPO, provenance
+from common import REPO, provenance, sign_test
 
 from deepshrink.core import samples as S
 from deepshrink.core.graph import capture
@@ -60,6 +61,44 @@ def repairs_line(metrics: dict) -> str:
     if not found:
         return ""
     return "\n\n- int8 repairs in this run (the quantize record, on the calibration samples, without -> with): " + "; ".join(found)
+
+
+def sample_errors(reference: list, produced: list, kind: str) -> torch.Tensor:
+    """Each eval sample's distance from the fp32 output (one sample a batch): KL for a classifier,
+    1 - cosine (mean over its rows) for an embedding, noise over signal energy for any tensor."""
+    errors = []
+    for ref, out in zip(reference, produced):
+        r, o = ref[0].detach().double().reshape(-1, ref[0].shape[-1]), out[0].detach().double().reshape(-1, ref[0].shape[-1])
+        if kind == "classification":
+            errors.append(float(F.kl_div(F.log_softmax(o, -1), F.log_softmax(r, -1), log_target=True, reduction="batchmean")))
+        elif kind == "embedding":
+            errors.append(float(1 - F.cosine_similarity(r, o, dim=-1).mean()))
+        else:
+            errors.append(float(((r - o) ** 2).sum() / max(float((r ** 2).sum()), 1e-30)))
+    return torch.tensor(errors, dtype=torch.float64)
+
+
+def paired_lines(reference: list, ours: dict, peers: dict, kind: str) -> list[str]:
+    """Ours against each peer of the same runtime, sample by sample: on how many eval samples each
+    file is the closer to fp32, and the exact sign test on that split."""
+    lines = []
+    for label, (runtime, produced) in ours.items():
+        mine = sample_errors(reference, produced, kind)
+        for peer, (peer_runtime, peer_produced) in peers.items():
+            if peer_runtime != runtime or peer_produced is None:
+                continue
+            theirs = sample_errors(reference, peer_produced, kind)
+            wins, losses = int((mine < theirs).sum()), int((mine > theirs).sum())
+            lines.append(f"- paired, ours {label} vs {peer}: ours closer to fp32 on {wins} of {len(mine)} eval samples, "
+                         f"the peer on {losses} ({len(mine) - wins - losses} tied); sign test p {sign_test(wins, losses):.2g}")
+    return lines
+
+
+def notes(repairs: str, paired: list[str]) -> str:
+    """The lines under a section's table: the repairs line, then the paired comparisons."""
+    if not paired:
+        return repairs
+    return repairs + ("\n" if repairs else "\n\n") + "\n".join(paired)
 
 
 def run_recipe_cli(name: str) -> dict:
@@ -122,7 +161,7 @@ def main() -> None:
         eval_batches = data.batches("test", batch_size=1)
         with torch.no_grad():
             reference = [S_out for S_out in (tuple(open_runner(model).predict_all(b)) for b in eval_batches)]
-        peers = {}
+        peers, peer_outputs = {}, {}
         et_path, ort_path = OUT / name / "executorch-default.pte", OUT / name / "ort-default.onnx"
         formats = next(s.config.formats for s in recipe.stages if s.kind == "export")
         for label, build, path in (("ExecuTorch default int8 (XNNPACKQuantizer, per-channel)", lambda p: executorch_default(model, data, p), et_path),
@@ -134,6 +173,7 @@ def main() -> None:
                 build(path)
                 produced = [open_runner(path).predict_all(b) for b in eval_batches]
                 peers[label] = (fidelity(reference, produced, kind=kind), path.stat().st_size, None)
+                peer_outputs[label] = ("executorch" if path.suffix == ".pte" else "onnxruntime", produced)
             except Exception as err:  # a peer's failure is a result too
                 peers[label] = (None, None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
             print(name, label, peers[label][0] and peers[label][0]["value"], peers[label][2], flush=True)
@@ -157,13 +197,17 @@ def main() -> None:
                 rows.append(f"| {label} | {runtime} | {error if error.startswith('not run') else 'failed: ' + error} | | | | |")
             else:
                 rows.append(f"| {label} | {runtime} | {_fmt(f['value'])} | {_figures(f)} | {size} | {ratio(runtime, size)} | not timed |")
+        ours = {label: (v["runtime"], [open_runner(v["path"]).predict_all(b) for b in eval_batches])
+                for label, v in metrics["variants"].items()
+                if v.get("role") == "compressed" and v.get("format") in ("pte", "onnx") and v.get("path")}
+        paired = paired_lines(reference, ours, peer_outputs, kind)
         shipped = metrics.get("shipped") or {}
         if shipped:
             rows.append(f"| **shipped** (the recipe's objective {shipped['objective']}): {shipped['variant']} | | | {shipped['why']} | | | |")
         sections[name] = (f"### {name} (`examples/recipes/{name}.yaml`; {len(eval_batches)} eval samples; figure: {headline})\n\n"
                           f"{provenance(f'python bench/examples.py {name}', threads=1)}\n\n"
                           "| variant | runtime | " + str(headline) + " | fidelity figures | bytes | × fp32 file | latency median ms |\n"
-                          "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + repairs_line(metrics))
+                          "|---|---|---:|---|---:|---:|---:|\n" + "\n".join(rows) + notes(repairs_line(metrics), paired))
     print(write_results(sections))
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import time
 from collections import Counter
 
 import torch
 
-from common import REPO, SHARED_DATA, provenance
+from common import REPO, SHARED_DATA, provenance, sign_test
 
 import deepshrink
 from deepshrink.deploy import export
@@ -123,15 +122,6 @@ def guard_fidelity(record: dict) -> str:
                      + (f" (fitted on one half, scored on the other: after {fmt(bc['fidelity_held_out_after'])}, "
                         f"before {fmt(bc['fidelity_held_out_before'])})" if bc.get("fidelity_held_out_after") else ""))
     return "; ".join(parts)
-
-
-def sign_test(fixed: int, broken: int) -> float:
-    """Two-sided exact sign (McNemar) test: the chance of a split at least this uneven of the
-    ``fixed + broken`` images on which two files disagree, if neither file were the better."""
-    n, k = fixed + broken, min(fixed, broken)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def top1(path, batches: list) -> torch.Tensor:
