@@ -197,9 +197,10 @@ def main() -> None:
                 rows.append(f"| {label} | {runtime} | {error if error.startswith('not run') else 'failed: ' + error} | | | | |")
             else:
                 rows.append(f"| {label} | {runtime} | {_fmt(f['value'])} | {_figures(f)} | {size} | {ratio(runtime, size)} | not timed |")
-        ours = {label: (v["runtime"], [open_runner(v["path"]).predict_all(b) for b in eval_batches])
+        # the run's files: "compressed .pte" is <out>/compressed.pte
+        ours = {label: (v["runtime"], [open_runner(OUT / name / label.replace(" .", ".")).predict_all(b) for b in eval_batches])
                 for label, v in metrics["variants"].items()
-                if v.get("role") == "compressed" and v.get("format") in ("pte", "onnx") and v.get("path")}
+                if v.get("role") == "compressed" and v.get("format") in ("pte", "onnx")}
         paired = paired_lines(reference, ours, peer_outputs, kind)
         shipped = metrics.get("shipped") or {}
         if shipped:
