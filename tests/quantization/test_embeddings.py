@@ -148,3 +148,24 @@ def test_embedding_bits_round_trip_and_are_checked():
     for bad in (2, 16, "4"):
         with pytest.raises(ConfigError, match="embeddings"):
             ds.Int8Dynamic(embeddings=bad)
+
+
+def test_a_pte_with_an_int8_table_runs_in_a_process_that_did_not_export_it(setup, tmp_path):
+    """ExecuTorch finds ``embedding_byte``'s kernel only once its quantized kernel library is
+    imported; the exporting process has imported it, a fresh ``deepshrink evaluate`` had not."""
+    import subprocess
+    import sys
+
+    model, samples, data = setup
+    quantized = ds.quantize(model, ds.Int8Static(int8_layout="s8s8-reduced"), data=data)
+    example = torch.stack(samples[:4])
+    export(quantized, tmp_path / "int8.pte", example_input=example)
+    torch.save(example, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = quantized(example)
+    code = ("import sys, torch; from deepshrink.evaluation.runners import PteRunner; "
+            "out = PteRunner(sys.argv[1]).predict(torch.load(sys.argv[2])); torch.save(out, sys.argv[3])")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "int8.pte"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert torch.allclose(torch.load(tmp_path / "out.pt"), expected, atol=1e-5)

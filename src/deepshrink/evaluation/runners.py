@@ -117,6 +117,10 @@ class PteRunner(Runner):
 
     def __init__(self, path: str | os.PathLike, threads: int = 1, *, isolate: bool = False) -> None:
         require("executorch")
+        # registers ExecuTorch's quantized kernels (embedding_byte / embedding_4bit of an int8 or
+        # 4-bit embedding table) with the runtime: without it such a program loads only in the
+        # process that exported it
+        import executorch.kernels.quantized  # noqa: F401
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 
