@@ -152,7 +152,8 @@ def test_embedding_bits_round_trip_and_are_checked():
 
 def test_a_pte_with_an_int8_table_runs_in_a_process_that_did_not_export_it(setup, tmp_path):
     """ExecuTorch finds ``embedding_byte``'s kernel only once its quantized kernel library is
-    imported; the exporting process has imported it, a fresh ``deepshrink evaluate`` had not."""
+    imported; the exporting process has imported it, a fresh ``deepshrink evaluate`` had not, nor
+    the worker that first loads a file apart (``isolate``)."""
     import subprocess
     import sys
 
@@ -164,7 +165,7 @@ def test_a_pte_with_an_int8_table_runs_in_a_process_that_did_not_export_it(setup
     with torch.no_grad():
         expected = quantized(example)
     code = ("import sys, torch; from deepshrink.evaluation.runners import PteRunner; "
-            "out = PteRunner(sys.argv[1]).predict(torch.load(sys.argv[2])); torch.save(out, sys.argv[3])")
+            "out = PteRunner(sys.argv[1], isolate=True).predict(torch.load(sys.argv[2])); torch.save(out, sys.argv[3])")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "int8.pte"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -25,6 +25,7 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(
 
 
 def _probe_pte(path: str) -> dict:
+    import executorch.kernels.quantized  # noqa: F401  embedding_byte / embedding_4bit (see runners.PteRunner)
     import torch
     from executorch.runtime import Runtime
 
