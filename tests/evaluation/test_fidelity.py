@@ -15,6 +15,8 @@ def test_classification_agreement_overlap_and_kl():
     f = fidelity([(ref,)], [(out,)])
     assert f["kind"] == "classification" and f["top1_agreement"] == pytest.approx(7 / 8)
     assert fidelity([(ref,)], [(ref,)])["mean_kl"] == pytest.approx(0.0, abs=1e-7)
+    # a file one float32 rounding away: its KL is 0 or a hair above, never negative
+    assert 0 <= fidelity([(ref,)], [(ref * (1 + 1e-7),)])["mean_kl"] < 1e-12
     assert f["mean_kl"] > 0 and f["headline"] == "top1_agreement" and f["value"] == f["top1_agreement"]
 
 
