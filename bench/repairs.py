@@ -210,6 +210,11 @@ def main() -> None:
             f"- {RUNTIME[target]}: top-1 agreement >= {100 * TARGET_AGREEMENT:.1f} % in every int8 row: "
             + ("reached" if not low else "missed") + f" (lowest {100 * agreement(worst['label']):.2f} %, {worst['setting']}"
             + (f"; below: {', '.join(f'{s} {100 * a:.2f} %' for s, a in low)}" if low else "") + ").")
+        best = max(int8, key=lambda r: agreement(r["label"]))
+        verdicts.append(
+            f"- {RUNTIME[target]}: the most faithful int8 file >= {100 * TARGET_AGREEMENT:.1f} %: "
+            + ("reached" if agreement(best["label"]) >= TARGET_AGREEMENT else "missed")
+            + f" ({best['setting']}, {100 * agreement(best['label']):.2f} %).")
     for target, suffix in TARGETS.items():
         base = agreement(f"none {suffix}")
         lower = [(s, agreement(f"{s} {suffix}")) for s in SETTINGS if s != "none" and agreement(f"{s} {suffix}") < base]
