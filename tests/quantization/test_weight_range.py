@@ -122,3 +122,26 @@ def test_adaround_re_rounds_narrowed_channels_within_7_bits():
     assert int(codes[:4].abs().max()) <= NARROW
     x = torch.stack([data.calib[i][0] for i in range(64)])
     assert emulate_x86_without_vnni(q, x)[1].total_saturated == 0
+
+
+def test_the_guard_says_what_it_narrowed_in_the_log_and_the_report(caplog):
+    import logging
+
+    from deepshrink.report.html import render_report
+
+    model, data = _half_saturating()
+    with caplog.at_level(logging.INFO, logger="deepshrink"):
+        guarded = quantize(model, Int8Static(int8_layout="u8s8-guarded", calibration="minmax"), data=data, target="onnxruntime")
+    record = guarded._deepshrink_quant["weight_range"]
+    assert (record["narrowed"], record["channels"]) == (12, 18)   # the conv's 4 of 8, and 8 of the head's 10
+    line = "saturation guard: 12 of 18 weight channels narrowed to 7 bits in 2 layers ("
+    assert any(r.getMessage().startswith(line) for r in caplog.records)
+    assert record["layers"]["conv2d"]["layer"] == "0"   # the Sequential's first module
+    stage = {"index": 0, "stage": {"quantize": {}}, "seconds": 1.0, "summary": {"line": "x", "weight_range": record}}
+    page = render_report({"variants": {}, "shipped": None, "stages": [stage]}, title="t")
+    assert "without VNNI would clip: 12 of 18 channels</h3>" in page
+    row = next(r for r in page.split("</tr>") if "<td>conv2d</td>" in r)
+    assert "<td>8</td><td>4</td>" in row and "50" in row
+    # nothing narrowed: no section
+    stage["summary"]["weight_range"] = {**record, "narrowed": 0, "layers": {}}
+    assert "would clip" not in render_report({"variants": {}, "shipped": None, "stages": [stage]}, title="t")

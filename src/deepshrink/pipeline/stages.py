@@ -288,6 +288,11 @@ def _quantize(state: RunState, config, ctx) -> dict:
                           "macs": float_macs, **({"objective": objective} if objective else {})}
     for line in state.quantization.get("budget_steps", []):
         ctx.log(f"      budget: {line}")
+    guard = state.quantization.get("weight_range")
+    if guard and guard.get("narrowed"):
+        from deepshrink.quantization.weight_range import weight_range_line
+
+        ctx.log(f"      {weight_range_line(guard)}")
     mixed = state.quantization.get("mixed_precision")
     if mixed:
         ctx.log(f"      mixed precision: {mixed_precision_line(mixed)}")

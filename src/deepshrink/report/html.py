@@ -122,6 +122,10 @@ def _stage_sections(stages: list[dict]) -> str:
         if mixed and mixed.get("steps"):
             parts.append(_mixed_precision(mixed))
     for s in stages:
+        guard = s["summary"].get("weight_range") if isinstance(s["summary"], dict) else None
+        if guard and guard.get("narrowed"):
+            parts.append(_weight_range(guard))
+    for s in stages:
         rounding = s["summary"].get("recurrent_rounding") if isinstance(s["summary"], dict) else None
         if rounding and rounding.get("applied"):
             parts.append(_recurrent_rounding(rounding))
@@ -153,6 +157,20 @@ def _mixed_precision(mixed: dict) -> str:
         parts.append(_table([f"round {i + 1}: layer", "output SQNR gain dB", "extra bytes", "decision"], [
             [html.escape(r["layer"]), "—" if r["gain_db"] is None else _fmt(r["gain_db"]), _fmt(r["extra_bytes"]),
              "float" if r["layer"] == picked else html.escape(r.get("skipped", "int8"))] for r in ranked]))
+    return "".join(parts)
+
+
+def _weight_range(record: dict) -> str:
+    """The saturation guard of the ``*-guarded`` int8 layouts: which layers lost a bit, and why."""
+    from deepshrink.quantization.weight_range import weight_range_line
+
+    parts = [f"<h3>int8 weights held to 7 bits where x86 ONNX Runtime without VNNI would clip: "
+             f"{_fmt(record['narrowed'])} of {_fmt(record['channels'])} channels</h3>",
+             f"<p>{html.escape(weight_range_line(record))}.</p>"]
+    rows = sorted(record["layers"].items(), key=lambda kv: -kv[1]["narrowed"] / kv[1]["channels"])
+    parts.append(_table(["layer", "node", "channels", "7-bit channels", "share", "largest pair sum at 8 bits"], [
+        [html.escape(d.get("layer", node)), html.escape(node), _fmt(d["channels"]), _fmt(d["narrowed"]),
+         _fmt(d["narrowed"] / d["channels"], "pct"), _fmt(d["peak"])] for node, d in rows]))
     return "".join(parts)
 
 
