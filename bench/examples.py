@@ -22,7 +22,6 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from common import REPO, provenance, sign_test
 
@@ -64,17 +63,18 @@ def repairs_line(metrics: dict) -> str:
 
 
 def sample_errors(reference: list, produced: list, kind: str) -> torch.Tensor:
-    """Each eval sample's distance from the fp32 output (one sample a batch): KL for a classifier,
-    1 - cosine (mean over its rows) for an embedding, noise over signal energy for any tensor."""
+    """Each eval sample's distance from the fp32 output (one sample a batch), from the figures
+    ``evaluation.fidelity`` gives that sample alone: KL for a classifier, 1 - cosine for an
+    embedding, and for any tensor its noise-to-signal ratio (from SQNR; 0 where identical)."""
     errors = []
     for ref, out in zip(reference, produced):
-        r, o = ref[0].detach().double().reshape(-1, ref[0].shape[-1]), out[0].detach().double().reshape(-1, ref[0].shape[-1])
-        if kind == "classification":
-            errors.append(float(F.kl_div(F.log_softmax(o, -1), F.log_softmax(r, -1), log_target=True, reduction="batchmean")))
-        elif kind == "embedding":
-            errors.append(float(1 - F.cosine_similarity(r, o, dim=-1).mean()))
+        f = fidelity([ref], [out], kind=kind)
+        if f["kind"] == "classification":
+            errors.append(f["mean_kl"])
+        elif f["kind"] == "embedding":
+            errors.append(1 - f["cosine_mean"])
         else:
-            errors.append(float(((r - o) ** 2).sum() / max(float((r ** 2).sum()), 1e-30)))
+            errors.append(0.0 if f["sqnr_db"] is None else 10 ** (-f["sqnr_db"] / 10))
     return torch.tensor(errors, dtype=torch.float64)
 
 
@@ -171,7 +171,8 @@ def main() -> None:
                 continue
             try:
                 build(path)
-                produced = [open_runner(path).predict_all(b) for b in eval_batches]
+                runner = open_runner(path)
+                produced = [runner.predict_all(b) for b in eval_batches]
                 peers[label] = (fidelity(reference, produced, kind=kind), path.stat().st_size, None)
                 peer_outputs[label] = ("executorch" if path.suffix == ".pte" else "onnxruntime", produced)
             except Exception as err:  # a peer's failure is a result too
@@ -201,7 +202,7 @@ def main() -> None:
         ours = {}
         for label, v in metrics["variants"].items():
             if v.get("role") == "compressed" and v.get("format") in ("pte", "onnx"):
-                runner = open_runner(OUT / name / label.replace(" .", "."))   # once: a program loaded per sample fails
+                runner = open_runner(OUT / name / label.replace(" .", "."))
                 ours[label] = (v["runtime"], [runner.predict_all(b) for b in eval_batches])
         paired = paired_lines(reference, ours, peer_outputs, kind)
         shipped = metrics.get("shipped") or {}

@@ -144,10 +144,15 @@ def test_the_held_out_check_scores_each_half_with_the_other_halfs_correction(mob
     reference = _float_reference(mobile, mobile_data)
     lone = calibration_batches(mobile_data, 10)
     expected = channel_means(reference, lone, [])[1]
-    folds = _folds(lone, expected)
-    assert [f[0][0].shape[0] for f in folds] == [5, 5] and [f[1][0].shape[0] for f in folds] == [5, 5]
+    with torch.no_grad():
+        uncorrected = [plain(lone[0])]
+    folds = _folds(lone, expected, uncorrected)
+    assert [[part[0].shape[0] for part in f] for f in folds] == [[5, 5, 5], [5, 5, 5]]
     torch.testing.assert_close(folds[1][1][0], expected[0][5:], rtol=0, atol=0)
+    torch.testing.assert_close(folds[1][2][0], uncorrected[0][5:], rtol=0, atol=0)
     assert _folds([lone[0][:1]], [expected[0][:1]]) is None
+    two = _folds([lone[0][:4], lone[0][4:]], expected * 2)   # two batches: one a fold
+    assert torch.equal(two[1][0][0], lone[0][4:]) and two[1][1][0] is expected[0]
 
     q = copy.deepcopy(plain)
     names = [n.name for n in weighted_nodes(q)]
@@ -158,7 +163,7 @@ def test_the_held_out_check_scores_each_half_with_the_other_halfs_correction(mob
         assert torch.equal(get_attr_tensor(q, v), original[k])
     # by hand: each half scored by the correction fitted on the other, the two pooled
     scored, expected_scored, unscored = [], [], []
-    for fit, (score, score_expected) in ((folds[0][0], folds[1]), (folds[1][0], folds[0])):
+    for fit, (score, score_expected, _) in ((folds[0][0], folds[1]), (folds[1][0], folds[0])):
         fitted = copy.deepcopy(q)
         fitted_biases = {n.name: bias_node(fitted, n, create=True) for n in weighted_nodes(fitted)}
         correct_layer_by_layer(fitted, fit, channel_means(reference, fit, names)[0], fitted_biases)

@@ -127,6 +127,7 @@ def test_adaround_re_rounds_narrowed_channels_within_7_bits():
 def test_the_guard_says_what_it_narrowed_in_the_log_and_the_report(caplog):
     import logging
 
+    from deepshrink.quantization.weight_range import weight_range_line
     from deepshrink.report.html import render_report
 
     model, data = _half_saturating()
@@ -135,7 +136,16 @@ def test_the_guard_says_what_it_narrowed_in_the_log_and_the_report(caplog):
     record = guarded._deepshrink_quant["weight_range"]
     assert (record["narrowed"], record["channels"]) == (12, 18)   # the conv's 4 of 8, and 8 of the head's 10
     line = "saturation guard: 12 of 18 weight channels narrowed to 7 bits in 2 layers ("
-    assert any(r.getMessage().startswith(line) for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("saturation guard")] == [weight_range_line(record)]
+    assert weight_range_line(record).startswith(line)
+    # with AdaRound the guard runs twice; the line, once, counts both passes (the second alone lists only what it narrowed)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepshrink"):
+        rounded = quantize(model, Int8Static(int8_layout="u8s8-guarded", calibration="minmax", rounding="adaround"), data=data,
+                           target="onnxruntime")
+    merged = rounded._deepshrink_quant["weight_range"]
+    assert merged["rounds"] > record["rounds"] and merged["narrowed"] >= 12
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("saturation guard")] == [weight_range_line(merged)]
     assert record["layers"]["conv2d"]["layer"] == "0"   # the Sequential's first module
     stage = {"index": 0, "stage": {"quantize": {}}, "seconds": 1.0, "summary": {"line": "x", "weight_range": record}}
     page = render_report({"variants": {}, "shipped": None, "stages": [stage]}, title="t")

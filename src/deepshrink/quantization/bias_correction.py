@@ -8,8 +8,8 @@ input). That order once cost two whole-model passes per layer (minutes on a deep
 is four passes whatever the depth, each batched: the float graph and the uncorrected int8 graph
 with a tap after every conv/linear (a temporary graph node that sums its input per channel),
 one layer-major pass that corrects every layer in order (``correct_layer_by_layer``), and one
-pass to measure the result (the cross-validated check below adds the same passes again on
-half the samples per fold). The correction is a change of the float bias that XNNPACK and ONNX
+pass to measure the result (the cross-validated check below adds, per fold, a float pass, a
+correcting pass and a measuring pass on half the samples). The correction is a change of the float bias that XNNPACK and ONNX
 Runtime read at export, so it reaches the runtime.
 
 ``output_fidelity`` / ``no_worse``: top-1 agreement (for ``[N, classes]`` outputs) and SQNR of a
@@ -145,7 +145,7 @@ def correct_bias(quantized: GraphModule, reference: GraphModule, batches: list, 
     before, uncorrected = channel_means(quantized, batches, names, desc="bias correction: int8 before")
     biases = {n.name: bias_node(quantized, n, create=True) for n in layers}
     original = {name: get_attr_tensor(quantized, node).detach().clone() for name, node in biases.items()}
-    folds = _folds(batches, expected)
+    folds = _folds(batches, expected, uncorrected)
     held_out = None if folds is None else _cross_validated(quantized, reference, folds, names, biases, original)
     correct_layer_by_layer(quantized, batches, target, biases)
     after, corrected = channel_means(quantized, batches, names, desc="bias correction: int8 after")
@@ -170,34 +170,36 @@ def correct_bias(quantized: GraphModule, reference: GraphModule, batches: list, 
     }
 
 
-def _folds(batches: list, expected: list) -> list[tuple[list, list]] | None:
-    """The calibration samples in two disjoint halves, ``(batches, expected outputs)`` each:
-    every other batch, or the two halves of a lone batch; ``None`` for a single sample."""
+def _folds(batches: list, *outputs: list) -> list[tuple[list, ...]] | None:
+    """The calibration samples in two disjoint halves, ``(batches, *outputs)`` each (``outputs``:
+    per-batch model outputs on ``batches``, split the same way): every other batch, or the two
+    halves of a lone batch; ``None`` for a single sample."""
     if len(batches) >= 2:
-        return [(batches[0::2], expected[0::2]), (batches[1::2], expected[1::2])]
+        return [tuple(x[k::2] for x in (batches, *outputs)) for k in (0, 1)]
     n = S.batch_size(batches[0])
     if n < 2:
         return None
     half = n // 2
 
-    def rows(outputs, start: int, stop: int):   # a model's outputs: the tensors that carry the batch
-        return S.map_tensors(lambda t: t[start:stop] if t.dim() and t.shape[0] == n else t, outputs)
-    return [([S.take(batches[0], 0, half)], [rows(expected[0], 0, half)]),
-            ([S.take(batches[0], half, n)], [rows(expected[0], half, n)])]
+    def rows(out, start: int, stop: int):   # a model's outputs: the tensors that carry the batch
+        return S.map_tensors(lambda t: t[start:stop] if t.dim() and t.shape[0] == n else t, out)
+    return [([S.take(batches[0], start, stop)], *([rows(o[0], start, stop)] for o in outputs))
+            for start, stop in ((0, half), (half, n))]
 
 
 def _cross_validated(quantized: GraphModule, reference: GraphModule, folds: list, names: list[str], biases: dict,
                      original: dict) -> dict:
     """``{before, after}``: the output fidelity without and with a correction fitted on the other
-    fold, over both folds pooled. ``quantized`` is left with its ``original`` biases."""
+    fold, over both folds pooled (``folds``: ``(batches, expected, uncorrected outputs)`` each).
+    ``quantized`` is left with its ``original`` biases."""
     expected, before, after = [], [], []
-    for k, ((fit, _), (score, score_expected)) in enumerate(((folds[0], folds[1]), (folds[1], folds[0]))):
+    for k, ((fit, _, _), (score, score_expected, score_before)) in enumerate(((folds[0], folds[1]), (folds[1], folds[0]))):
         target = channel_means(reference, fit, names, desc=f"bias correction: float reference, fold {k + 1} of 2")[0]
         correct_layer_by_layer(quantized, fit, target, biases)
-        after += channel_means(quantized, score, [], desc=f"bias correction: held-out half, corrected, fold {k + 1} of 2")[1]
+        after += channel_means(quantized, score, [], desc=f"bias correction: held-out half, fold {k + 1} of 2")[1]
         _restore(quantized, biases, original)
-        before += channel_means(quantized, score, [], desc=f"bias correction: held-out half, uncorrected, fold {k + 1} of 2")[1]
         expected += score_expected
+        before += score_before
     return {"before": output_fidelity(expected, before), "after": output_fidelity(expected, after)}
 
 

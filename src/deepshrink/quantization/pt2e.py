@@ -12,6 +12,7 @@ see the weights -> convert. Both record what they did in ``model._deepshrink_qua
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import torch
@@ -27,6 +28,8 @@ from deepshrink.data.splits import DataSplits
 from deepshrink.quantization.configs import Int8Dynamic, Int8Static
 from deepshrink.quantization.mixed_precision import ANNOTATED
 from deepshrink.quantization.quantizer import RECURRENT_TARGETS, build_quantizer, layer_name, quantization_config
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -135,6 +138,10 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         details["adaround"]["seconds"] = round(time.perf_counter() - started, 3)
         if layout in GUARDED_LAYOUTS:   # a code moved up by one can push a full-range channel's pair past int16
             details["weight_range"] = merge_reports(details["weight_range"], guard_weight_range(converted, weights, guard_batches))
+    if layout in GUARDED_LAYOUTS:   # once, for both guard passes (a pass alone lists only the layers it narrowed)
+        from deepshrink.quantization.weight_range import weight_range_line
+
+        log.info("%s", weight_range_line(details["weight_range"]))
     if config.bias_correction:
         from deepshrink.quantization.bias_correction import correct_bias
 

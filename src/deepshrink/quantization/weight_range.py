@@ -27,8 +27,6 @@ check emulates the kernel again on the export samples (``deploy.api``).
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.fx import GraphModule, Node
 
@@ -36,8 +34,6 @@ from deepshrink.core.progress import progress
 from deepshrink.ops.int_kernels import INT16_MAX
 from deepshrink.quantization.graph_passes import get_attr_tensor, set_attr_tensor, weighted_nodes
 from deepshrink.quantization.quantizer import layer_name
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MARGIN = 1.0
 FULL, NARROW = 127, 63
@@ -85,14 +81,12 @@ def guard_weight_range(converted: GraphModule, weights: dict[str, torch.Tensor] 
             break
         converted.recompile()
     peak_after = max((int(p.max()) for p in peaks.values() if p.numel()), default=0)
-    record = {
+    return {
         "margin": margin, "rounds": rounds, "layers": layers,
         "narrowed": sum(e["narrowed"] for e in layers.values()),
         "channels": sum(int(p.numel()) for p in peaks.values()),
         "peak_after": peak_after, "int16_max": INT16_MAX,
     }
-    log.info("%s", weight_range_line(record))
-    return record
 
 
 def weight_range_line(record: dict) -> str:
