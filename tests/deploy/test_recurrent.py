@@ -1,11 +1,12 @@
-"""LSTMs and GRUs unrolled into ops XNNPACK runs: the same values as nn.LSTM / nn.GRU, one delegate in the .pte."""
+"""LSTMs and GRUs as a scan over time of ops XNNPACK runs: the same values as nn.LSTM / nn.GRU, every op of the
+cell delegated in the .pte, one step in the file whatever the number of frames."""
 import pytest
 import torch
 from torch import nn
 
 from deepshrink.core.errors import ExportError
 from deepshrink.deploy import export
-from deepshrink.deploy.recurrent import UnrolledGRU, UnrolledLSTM, foldable_recurrent_weights, unroll_lstms, unroll_recurrent
+from deepshrink.deploy.recurrent import ScannedGRU, ScannedLSTM, foldable_recurrent_weights, scan_recurrent, scan_recurrent
 from deepshrink.formats.sidecar import read_sidecar
 
 
@@ -26,7 +27,7 @@ class Encoder(nn.Module):
 
 @pytest.mark.parametrize("kwargs", [dict(batch_first=True), dict(batch_first=False), dict(bidirectional=True, batch_first=True),
                                     dict(bias=False, batch_first=False, bidirectional=True)])
-def test_unrolled_lstm_equals_nn_lstm(kwargs):
+def test_scanned_lstm_equals_nn_lstm(kwargs):
     torch.manual_seed(1)
     lstm = nn.LSTM(5, 7, 3, **kwargs).eval()
     x = torch.randn(4, 9, 5) if kwargs.get("batch_first") else torch.randn(9, 4, 5)
@@ -34,7 +35,7 @@ def test_unrolled_lstm_equals_nn_lstm(kwargs):
     hx = (torch.randn(3 * directions, 4, 7), torch.randn(3 * directions, 4, 7))
     for args in ((x,), (x, hx), (x[0] if kwargs.get("batch_first") else x[:, 0],)):   # zero state, given state, unbatched
         want_out, (want_h, want_c) = lstm(*args)
-        out, (h, c) = UnrolledLSTM(lstm)(*args)
+        out, (h, c) = ScannedLSTM(lstm)(*args)
         for got, want in ((out, want_out), (h, want_h), (c, want_c)):
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -42,53 +43,66 @@ def test_unrolled_lstm_equals_nn_lstm(kwargs):
 
 @pytest.mark.parametrize("kwargs", [dict(batch_first=True), dict(batch_first=False, bidirectional=True),
                                     dict(bias=False, batch_first=True)])
-def test_unrolled_gru_equals_nn_gru(kwargs):
+def test_scanned_gru_equals_nn_gru(kwargs):
     torch.manual_seed(2)
     gru = nn.GRU(5, 7, 2, **kwargs).eval()
     x = torch.randn(3, 6, 5) if kwargs.get("batch_first") else torch.randn(6, 3, 5)
     hx = torch.randn(2 * (2 if kwargs.get("bidirectional") else 1), 3, 7)
     for args in ((x,), (x, hx), (x[0] if kwargs.get("batch_first") else x[:, 0],)):
         want_out, want_h = gru(*args)
-        out, h = UnrolledGRU(gru)(*args)
+        out, h = ScannedGRU(gru)(*args)
         for got, want in ((out, want_out), (h, want_h)):
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_unroll_leaves_the_original_model_alone_and_unrolls_captured_graphs():
+def test_scan_recurrent_leaves_the_original_model_alone_and_rewrites_captured_graphs():
     model, x = Encoder().eval(), torch.randn(2, 8, 5)
-    unrolled = unroll_lstms(model)
-    assert type(model.body.lstm) is nn.LSTM and type(unrolled.body.lstm) is UnrolledLSTM
-    assert unrolled.body.lstm.lstm.weight_ih_l0 is model.body.lstm.weight_ih_l0            # weights shared, not copied
-    torch.testing.assert_close(unrolled(x), model(x), atol=1e-6, rtol=1e-5)
+    scanned = scan_recurrent(model)
+    assert type(model.body.lstm) is nn.LSTM and type(scanned.body.lstm) is ScannedLSTM
+    assert scanned.body.lstm.lstm.weight_ih_l0 is model.body.lstm.weight_ih_l0            # weights shared, not copied
+    torch.testing.assert_close(scanned(x), model(x), atol=1e-6, rtol=1e-5)
     graph = torch.export.export(model, (x,)).module()
     assert any(n.target is torch.ops.aten.lstm.input for n in graph.graph.nodes)
-    unrolled_graph = unroll_lstms(graph)
-    assert not any(n.target is torch.ops.aten.lstm.input for n in unrolled_graph.graph.nodes)
+    scanned_graph = scan_recurrent(graph)
+    assert not any(n.target is torch.ops.aten.lstm.input for n in scanned_graph.graph.nodes)
     assert any(n.target is torch.ops.aten.lstm.input for n in graph.graph.nodes)          # the original graph kept
-    torch.testing.assert_close(unrolled_graph(x), model(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scanned_graph(x), model(x), atol=1e-6, rtol=1e-5)
     plain = nn.Linear(3, 3)
-    assert unroll_lstms(plain) is plain
+    assert scan_recurrent(plain) is plain
 
 
-def test_lstm_pte_is_one_delegate_with_a_static_batch(tmp_path):
+def test_lstm_pte_delegates_every_cell_op_and_holds_one_step_whatever_the_length(tmp_path):
     model = Encoder().eval()
-    samples = [torch.randn(8, 5) for _ in range(5)]
+    sizes = {}
+    for frames in (8, 32):
+        samples = [torch.randn(frames, 5) for _ in range(5)]
+        result = export(model, tmp_path / f"enc{frames}.pte", example_input=torch.stack(samples[:2]), parity_samples=samples,
+                        static_batch=True)
+        assert result.parity_passed and result.parity_max_abs_diff < 1e-5
+        delegation = read_sidecar(tmp_path / f"enc{frames}.pte")["delegation"]
+        # the whole recurrence is inside XNNPACK: each layer's input projection and its step (the scan body, run at
+        # every frame) are delegates, as is fc; only the model's own h[-1] (a select, which XNNPACK lacks) and the
+        # zero states run outside
+        assert delegation["delegate_calls"] == 6
+        assert set(delegation["outside_delegate"]) <= {"full", "select_copy.int"}
+        sizes[frames] = (tmp_path / f"enc{frames}.pte").stat().st_size
+    assert sizes[8] == sizes[32], sizes   # one step in the file, not one per frame
+
+
+def test_a_pte_takes_any_number_of_frames_within_the_exported_range(tmp_path):
+    from deepshrink.evaluation.runners import open_runner
+
+    model = Encoder().eval()
+    samples = [torch.randn(6, 5) for _ in range(4)]
     result = export(model, tmp_path / "enc.pte", example_input=torch.stack(samples[:2]), parity_samples=samples,
-                    static_batch=True)
-    assert result.parity_passed and result.parity_max_abs_diff < 1e-5
-    delegation = read_sidecar(tmp_path / "enc.pte")["delegation"]
-    # all of the recurrence is inside XNNPACK: one delegate up to the model's own h[-1] (a select,
-    # which XNNPACK lacks), one for fc; only that select and the zero state run outside
-    assert delegation["delegate_calls"] == 2
-    assert set(delegation["outside_delegate"]) <= {"full", "select_copy.int"}
-
-
-def test_a_dynamic_time_dimension_is_refused_with_the_fix():
-    from deepshrink.core.graph import capture
-
-    with pytest.raises(ExportError, match="time dimension cannot be dynamic in a .pte.*export .onnx"):
-        capture(unroll_lstms(Encoder().eval()), torch.randn(2, 6, 5), max_batch=4, dynamic={0: {1: (2, 16)}})
+                    static_batch=True, dynamic={0: {1: (2, 40)}})
+    assert result.parity_passed
+    runner = open_runner(tmp_path / "enc.pte")
+    torch.manual_seed(3)
+    for frames in (2, 17, 40):
+        x = torch.randn(2, frames, 5)
+        torch.testing.assert_close(runner.predict(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def _int8_graph(cell=nn.LSTM):
@@ -111,23 +125,24 @@ def _int8_graph(cell=nn.LSTM):
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
-def test_int8_cells_unroll_to_per_row_int8_linears(cell):
+def test_int8_cells_become_per_row_int8_linears(cell):
     model, graph, x = _int8_graph(cell)
-    unrolled = unroll_recurrent(graph)
-    captured = torch.export.export(unrolled, (x,)).graph
-    dq = [n for n in captured.nodes if n.target is torch.ops.quantized_decomposed.dequantize_per_channel.default]
-    # the 3 int8 matrices (layer 0's w_hh, layer 1's w_ih and w_hh), each dequantized by every linear reading it,
-    # each linear's input rounded per row (then dequantize_affine): one projection and 6 steps x 2 layers
-    assert len({n.args[0] for n in dq}) == 3 and len(dq) == 1 + 6 + 6
-    assert sum(n.target is torch.ops.torchao.dequantize_affine.default for n in captured.nodes) == len(dq)
+    scanned = scan_recurrent(graph)
+    captured = torch.export.export(scanned, (x,)).graph_module
+    nodes = [n for m in captured.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes]   # scan bodies too
+    dq = [n for n in nodes if n.target is torch.ops.quantized_decomposed.dequantize_per_channel.default]
+    # the 3 int8 matrices (layer 0's w_hh, layer 1's w_ih and w_hh), each dequantized by the one linear reading it
+    # (layer 1's projection, and each layer's step), each linear's input rounded per row (then dequantize_affine)
+    assert len(dq) == 3
+    assert sum(n.target is torch.ops.torchao.dequantize_affine.default for n in nodes) == len(dq)
     # layer 0's input projection is float: the dequantized codes, exactly
-    floats = [b for name, b in unrolled.named_buffers() if name.startswith("_deepshrink_float_")]
+    floats = [b for name, b in scanned.named_buffers() if name.startswith("_deepshrink_float_")]
     w = model.rnn.weight_ih_l0.detach()
     scale = torch.clamp(w.abs().amax(dim=1) / 127, min=2**-12)
     assert len(floats) == 1 and torch.equal(floats[0], torch.clamp(torch.round(w * (1.0 / scale[:, None])), -127, 127) * scale[:, None])
-    assert not any(b.dtype == torch.int8 and b.shape == w.shape for b in unrolled.buffers())   # its codes are not carried
+    assert not any(b.dtype == torch.int8 and b.shape == w.shape for b in scanned.buffers())   # its codes are not carried
     with torch.no_grad():   # the .pte's computation: activations rounded to int8 per row, bar layer 0's input
-        diff = (unrolled(x)[0] - graph(x)[0]).abs().max().item()
+        diff = (scanned(x)[0] - graph(x)[0]).abs().max().item()
     assert 0 < diff < 0.02, diff
 
 

@@ -1,7 +1,7 @@
 """LSTM and GRU weights int8 per output row through every int8 scheme, in both runtime files.
 
 The .onnx keeps its LSTM/GRU op and reads the int8 codes through Cast x scale, which ONNX Runtime
-folds when it loads the file; the .pte unrolls the cell into qd8-f32-qc8w linears (deploy.recurrent).
+folds when it loads the file; the .pte runs the cell as a scan over time of qd8-f32-qc8w linears (deploy.recurrent).
 """
 import numpy as np
 import pytest
@@ -134,7 +134,8 @@ def test_int8_cell_in_both_files(data, cell, config, tmp_path):
         assert sum(np.array_equal(a, _expected_codes(w).numpy()) for a in stored) == 1, name
     assert int8.file_bytes < 0.34 * fp32.file_bytes, (int8.file_bytes, fp32.file_bytes)   # measured 0.318 / 0.332
     assert _folded_cell_inputs(tmp_path / "int8.onnx") == set()
-    # .pte: one delegate for the unrolled cell, qd8-f32-qc8w linears; the weights stored once
+    # .pte: each layer's projection and step delegated (the step a scan over time), qd8-f32-qc8w linears; the
+    # weights stored once
     pte = export(quantized, tmp_path / "int8.pte", example_input=example, parity_samples=samples, static_batch=True)
     assert pte.parity_passed
     blob = (tmp_path / "int8.pte").read_bytes()
@@ -144,14 +145,14 @@ def test_int8_cell_in_both_files(data, cell, config, tmp_path):
             scale = torch.clamp(w.abs().amax(dim=1) / 127, min=2**-12)
             assert blob.count((codes.float() * scale[:, None]).numpy().tobytes()) == 1
             assert blob.count(codes.numpy().tobytes()) == 0
-        else:                        # one constant read by every time step's linear
+        else:                        # one constant, read by the step's linear at every frame
             assert blob.count(codes.numpy().tobytes()) == 1, name
-    # of 4 bytes a parameter (the fp32 file holds at least that): measured 0.392 (LSTM) / 0.422 (GRU); the
-    # rest of the int8 file is the unrolled graph (3 steps x 2 layers of nodes), the scales and biases, the
-    # first layer's float input weights
+    # of 4 bytes a parameter (the fp32 file holds at least that): measured 0.392 (LSTM) / 0.411 (GRU); the
+    # rest of the int8 file is the graph (one step per layer), the scales and biases, the first layer's float
+    # input weights
     assert pte.file_bytes < 0.45 * float_bytes, (pte.file_bytes, float_bytes)
     delegation = read_sidecar(tmp_path / "int8.pte")["delegation"]
-    assert delegation["delegate_calls"] == 2 and set(delegation["outside_delegate"]) <= {"full", "select_copy.int"}
+    assert delegation["delegate_calls"] == 6 and set(delegation["outside_delegate"]) <= {"full", "select_copy.int"}
     from deepshrink.evaluation.runners import open_runner
 
     # to the fp32 model, in each runtime: measured 0.0007 (LSTM .onnx) to 0.0015 (GRU .onnx); .pte 0.0008 / 0.0014

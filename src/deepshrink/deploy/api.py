@@ -18,7 +18,7 @@ from deepshrink.core.graph import capture
 from deepshrink.core.targets import SATURATION_SAFE_LAYOUTS, XNNPACK_LAYOUTS, TargetProfile, get_target
 from deepshrink.deploy import parity as parity_check
 from deepshrink.deploy.lowering import to_onnx, to_pte
-from deepshrink.deploy.recurrent import unroll_lstms
+from deepshrink.deploy.recurrent import scan_recurrent
 from deepshrink.evaluation.counting import count_macs, parameter_counts
 from deepshrink.evaluation.runners import open_runner
 from deepshrink.formats.sidecar import write_sidecar
@@ -84,7 +84,7 @@ def export(
     if path.suffix == ".dsk":
         extra["sparse_compute"] = _write_dsk(model, path, example_input)
     else:
-        traced = unroll_lstms(model) if path.suffix == ".pte" else model   # ONNX has an LSTM op; ExecuTorch has not
+        traced = scan_recurrent(model) if path.suffix == ".pte" else model   # ONNX has an LSTM op; ExecuTorch has not
         program = capture(traced, example_input, max_batch=profile.max_batch, dynamic=dynamic, static_batch=static_batch)
         lowered = FORMATS[path.suffix](program, path)
         if lowered:

@@ -13,6 +13,7 @@ from deepshrink.core.log import scoped_levels
 from deepshrink.deploy.onnx_layout import unsigned_activations
 from deepshrink.deploy.onnx_lowbit import matmul_nbits
 from deepshrink.deploy.recurrent import foldable_recurrent_weights
+from deepshrink.deploy.scan_lowering import constants_into_bodies, drop_unused_constants, has_scan, program_constants, scan_partitioner
 from deepshrink.deploy.xnnpack_fixes import prelu_to_4d, quantized_embeddings
 
 
@@ -26,7 +27,14 @@ def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict:
     prelu_to_4d(program)   # XNNPACK 1.5.1 rejects PReLU on [batch, features]; exact rewrite
     quantized_embeddings(program)   # int8 tables looked up row by row
     try:
-        manager = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        if has_scan(program):   # a recurrent cell's time loop (deploy.recurrent): its step lowered too
+            constants = program_constants(program)
+            edge = to_edge_transform_and_lower(program, transform_passes=[constants_into_bodies(constants)],
+                                               partitioner=[scan_partitioner(XnnpackPartitioner, constants)])
+            drop_unused_constants(edge.exported_program())
+        else:
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        manager = edge.to_executorch()
     except Exception as err:  # lowering raises many types; one line names the cause
         raise ExportError(f"ExecuTorch lowering failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     with atomic_path(path) as tmp:
@@ -34,14 +42,16 @@ def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict:
     return delegation(manager.exported_program().graph_module)
 
 
-_BOOKKEEPING = {"getitem", "alloc", "view", "sym_size.int"}   # the runtime's own memory and shape plumbing
+_BOOKKEEPING = {"getitem", "alloc", "view", "sym_size.int", "scan"}   # the runtime's own memory, shape and loop plumbing
 
 
 def delegation(graph_module: torch.fx.GraphModule) -> dict:
-    """How many XNNPACK delegate calls a lowered graph makes and which ops it runs outside them
-    (on ExecuTorch's portable kernels: slower, and each one splits the delegate)."""
+    """How many XNNPACK delegates a lowered graph holds and which ops it runs outside them (on
+    ExecuTorch's portable kernels: slower, and each one splits the delegate), scan bodies included:
+    a delegate in a recurrent cell's step counts once, though it runs at every step."""
     calls, outside = 0, {}
-    for node in graph_module.graph.nodes:
+    graphs = [m.graph for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule)]   # scan bodies too
+    for node in (n for graph in graphs for n in graph.nodes):
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target))

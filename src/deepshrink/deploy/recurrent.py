@@ -1,23 +1,27 @@
-"""LSTMs and GRUs written out step by step in ops XNNPACK runs, so a recurrent model lowers to one
-delegate; and the int8 cell weights of an ``.onnx`` made constants ONNX Runtime folds.
+"""LSTMs and GRUs written as a loop over time of one step in ops XNNPACK runs, so a recurrent
+model lowers to delegates whatever its number of frames; and the int8 cell weights of an ``.onnx``
+made constants ONNX Runtime folds.
 
 ExecuTorch 1.5.1 has no LSTM or GRU kernel (none in its kernel lists): ``to_edge`` decomposes
 ``aten.lstm`` per time step into ``squeeze``/``unsqueeze``/``split_with_sizes``/``select`` copies
 that XNNPACK does not take, so a 3-layer LSTM over 160 frames becomes hundreds of small delegates
-(about 4 s of lowering per frame and a slow file). ``unroll_recurrent`` replaces every LSTM and GRU
+(about 4 s of lowering per frame and a slow file). ``scan_recurrent`` replaces every LSTM and GRU
 — ``nn.LSTM``/``nn.GRU`` modules of an eager model, ``aten.lstm.input``/``aten.gru.input`` nodes of
-a captured (e.g. quantized) graph — with the same recurrence written in ``linear``, ``slice``,
-``view``, ``permute``, ``sigmoid``, ``tanh``, ``mul``, ``add``, ``sub`` and ``cat``, all of which
-XNNPACK delegates. The values are those of the aten op up to float rounding (the parity gate checks
-the file). The time dimension must be static: an unrolled loop has one length.
+a captured (e.g. quantized) graph — with the same recurrence: each layer's input projection for
+all frames at once (one ``linear``), then ``torch.scan`` over time of one step written in
+``linear``, ``slice``, ``sigmoid``, ``tanh``, ``mul``, ``add`` and ``sub``. ExecuTorch runs a scan
+as a loop around that step's graph, and ``deploy.scan_lowering`` lowers the step to XNNPACK: the
+file holds one step however long the input, and the time dimension may be dynamic (any number of
+frames within the export's bounds). Unrolled step by step instead, each step's ~15 ops were
+1.8 KB of the file per frame and layer (Resemblyzer's 3 x 160: 0.86 MB) and the length was fixed.
+The values are those of the aten op up to float rounding (the parity gate checks the file).
 
 Int8 weights (``quantization.quantizer.annotate_recurrent``: int8 codes per output row behind a
 ``dequantize_per_channel``, weight-only — the graph and the ``.onnx`` compute the cell in float):
-XNNPACK has no linear with float activations and int8 weights, so in the ``.pte`` each unrolled
-``linear`` on such a weight also rounds its input to int8 per row at run time — the pattern XNNPACK
-runs as its qd8-f32-qc8w GEMM (``quantization.lowbit.runtime``) — bar the first layer's input
-projection (``unroll_recurrent`` says why). Each int8 weight is one constant read by every time
-step's ``linear``: the file stores it once.
+XNNPACK has no linear with float activations and int8 weights, so in the ``.pte`` each ``linear``
+on such a weight also rounds its input to int8 per row at run time — the pattern XNNPACK runs as
+its qd8-f32-qc8w GEMM (``quantization.lowbit.runtime``) — bar the first layer's input projection
+(``scan_recurrent`` says why).
 
 ``foldable_recurrent_weights`` rewrites the ``.onnx``'s ``DequantizeLinear`` of those weights as
 ``Cast`` times the scales, which ONNX Runtime folds to constants when it loads the file, so the
@@ -37,11 +41,9 @@ from deepshrink.quantization.quantizer import int8_weights, is_int8_per_row
 
 def _linear(x, w, b=None):
     """``F.linear``; for an int8 weight — ``(codes, scales, zero_points, qmin, qmax)``, see
-    ``unroll_recurrent`` — the weight is dequantized here, for this call alone, and ``x`` rounded to
-    int8 per row: XNNPACK's qd8-f32-qc8w GEMM. A dequantize per call, not one shared by every time
-    step: XNNPACK's partitioner keeps each linear's weight dequantize with it, and one shared by 160
-    linears would force them into one partition that the steps' gate ops cycle through. The codes
-    stay one constant (the delegate stores a tensor once)."""
+    ``scan_recurrent`` — the weight is dequantized here, for this call alone (XNNPACK's partitioner
+    takes a linear's weight dequantize with it), and ``x`` rounded to int8 per row: XNNPACK's
+    qd8-f32-qc8w GEMM."""
     if not isinstance(w, (tuple, list)):
         return F.linear(x, w, b)
     from deepshrink.quantization.lowbit.runtime import int8_per_row_round_trip
@@ -51,77 +53,86 @@ def _linear(x, w, b=None):
     return F.linear(int8_per_row_round_trip(x), weight, b)
 
 
-def _layout(kind: str, x, h0, params, has_biases: bool, num_layers: int, bidirectional: bool,
-            batch_first: bool):
-    """Checks shared by both cells; returns ``(per, directions, hidden, steps, batch, rows)``:
-    ``rows`` is the input as ``[T * B, in]``, step ``t`` in rows ``t * B`` to ``(t + 1) * B``, so each
-    step reads its inputs with one slice and the steps' outputs join with one ``cat`` (no per-step
-    reshapes: each op is a node in the delegate, 1.8 KB of a ``.pte`` per step and layer)."""
-    per = 4 if has_biases else 2
+def _layout(kind: str, x, h0, params, num_layers: int, bidirectional: bool, batch_first: bool):
+    """Checks shared by both cells; returns ``(per, directions, hidden, seq)`` with ``seq`` the input
+    time-major, ``[T, B, in]``."""
+    per = len(params) // (num_layers * (2 if bidirectional else 1))
     directions = 2 if bidirectional else 1
-    if len(params) != per * num_layers * directions:
-        raise ExportError(f"{kind} with proj_size cannot be unrolled for the .pte; export .onnx, or use proj_size=0")
-    hidden = h0.shape[-1]
-    steps = x.shape[1] if batch_first else x.shape[0]
-    if not isinstance(steps, int):
-        raise ExportError(f"an {kind}'s time dimension cannot be dynamic in a .pte (the recurrence is unrolled): "
-                          f"export with a fixed sequence length, or export .onnx, whose {kind} op takes any length")
-    time_major = x.transpose(0, 1) if batch_first else x                 # [T, B, in]
-    batch = time_major.shape[1]
-    return per, directions, hidden, steps, batch, time_major.reshape(steps * batch, -1)
+    if per not in (2, 4) or len(params) != per * num_layers * directions:
+        raise ExportError(f"{kind} with proj_size cannot be written for the .pte; export .onnx, or use proj_size=0")
+    return per, directions, h0.shape[-1], x.transpose(0, 1) if batch_first else x
 
 
-def _sequence(rows, steps: int, batch, batch_first: bool):
-    """``[T * B, D]`` rows back to the cell's ``[B, T, D]`` (or ``[T, B, D]``) output."""
-    out = rows.reshape(steps, batch, -1)
-    return out.transpose(0, 1) if batch_first else out
+def _projected(seq, w, biases):
+    """Every frame's input gates at once, ``[T, B, gates]``: one linear on ``[T * B, in]`` rows."""
+    steps, batch = seq.shape[0], seq.shape[1]
+    out = _linear(seq.reshape(steps * batch, seq.shape[2]), w, biases[0] if biases else None)
+    if len(biases) > 1:   # added, not folded: XNNPACK's linear needs its bias a constant, not b_ih + b_hh
+        out = out + biases[1]
+    return out.reshape(steps, batch, -1)
 
 
-def lstm_unrolled(x, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
-                  bidirectional: bool, batch_first: bool):
-    """``aten.lstm.input`` (same arguments, same ``(output, h_n, c_n)``) as straight-line ops.
+def _over_time(step, init, xs, reverse: bool):
+    """``torch.scan`` of ``step(carry, x_t) -> (carry, y_t)`` over dim 0 of ``xs``."""
+    from torch._higher_order_ops.scan import scan
+
+    return scan(step, init, xs, reverse=reverse)
+
+
+def _lstm_step(w_hh, hidden: int):
+    def step(carry, gates_x):
+        h, c = carry
+        gates = gates_x + _linear(h, w_hh)
+        sig = torch.sigmoid(gates)   # one op for the i, f, o gates (g's share is unused)
+        g = torch.tanh(gates[:, 2 * hidden:3 * hidden])
+        c = sig[:, hidden:2 * hidden] * c + sig[:, :hidden] * g
+        h = sig[:, 3 * hidden:] * torch.tanh(c)
+        return (h, c), h.clone()   # scan's outputs may not alias; the lowering drops the copy
+    return step
+
+
+def _gru_step(w_hh, b_hh, hidden: int):
+    def step(h, xi):
+        hh = _linear(h, w_hh, b_hh)   # b_hn stays inside r * (...): the bias is the linear's own
+        rz = torch.sigmoid(xi[:, :2 * hidden] + hh[:, :2 * hidden])
+        n = torch.tanh(xi[:, 2 * hidden:] + rz[:, :hidden] * hh[:, 2 * hidden:])
+        h = n + rz[:, hidden:] * (h - n)
+        return h, h.clone()
+    return step
+
+
+def lstm_scanned(x, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
+                 bidirectional: bool, batch_first: bool):
+    """``aten.lstm.input`` (same arguments, same ``(output, h_n, c_n)``) as a scan over time.
     ``params`` per layer and direction: ``w_ih [4H, in], w_hh [4H, H]`` (a tensor, or int8 codes and
     their qparams: ``_linear``) and, with biases, ``b_ih, b_hh [4H]``; projections (``proj_size``)
     are not supported."""
     h0, c0 = hx
-    per, directions, hidden, steps, batch, rows = _layout("LSTM", x, h0, params, has_biases, num_layers,
-                                                          bidirectional, batch_first)
+    per, directions, hidden, seq = _layout("LSTM", x, h0, params, num_layers, bidirectional, batch_first)
     h_n, c_n = [], []
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
             w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
-            projected = _linear(rows, w_ih, biases[0] if has_biases else None)   # every step's input gates at once
-            if has_biases:   # added, not folded: XNNPACK's linear needs its bias a constant, not b_ih + b_hh
-                projected = projected + biases[1]
-            h, c = h0[k:k + 1].reshape(-1, hidden), c0[k:k + 1].reshape(-1, hidden)   # slices: XNNPACK has no select
-            order = range(steps - 1, -1, -1) if direction else range(steps)
-            hs: list = [None] * steps
-            for t in order:
-                gates = projected[t * batch:(t + 1) * batch] + _linear(h, w_hh)
-                sig = torch.sigmoid(gates)   # one op for the i, f, o gates (g's share is unused)
-                g = torch.tanh(gates[:, 2 * hidden:3 * hidden])
-                c = sig[:, hidden:2 * hidden] * c + sig[:, :hidden] * g
-                h = sig[:, 3 * hidden:] * torch.tanh(c)
-                hs[t] = h
-            outputs.append(torch.cat(hs, dim=0))
+            state = (h0[k:k + 1].reshape(-1, hidden), c0[k:k + 1].reshape(-1, hidden))   # slices: XNNPACK has no select
+            (h, c), out = _over_time(_lstm_step(w_hh, hidden), state, _projected(seq, w_ih, biases), bool(direction))
+            outputs.append(out)
             h_n.append(h.reshape(1, -1, hidden))
             c_n.append(c.reshape(1, -1, hidden))
-        rows = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        seq = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if train and dropout and layer < num_layers - 1:
-            rows = F.dropout(rows, dropout, training=True)
-    return _sequence(rows, steps, batch, batch_first), torch.cat(h_n, dim=0), torch.cat(c_n, dim=0)
+            seq = F.dropout(seq, dropout, training=True)
+    return seq.transpose(0, 1) if batch_first else seq, torch.cat(h_n, dim=0), torch.cat(c_n, dim=0)
 
 
-def gru_unrolled(x, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
-                 bidirectional: bool, batch_first: bool):
-    """``aten.gru.input`` (same arguments, same ``(output, h_n)``) as straight-line ops. ``params``
+def gru_scanned(x, hx, params, has_biases: bool, num_layers: int, dropout: float, train: bool,
+                bidirectional: bool, batch_first: bool):
+    """``aten.gru.input`` (same arguments, same ``(output, h_n)``) as a scan over time. ``params``
     per layer and direction: ``w_ih [3H, in], w_hh [3H, H]`` (gates r, z, n; a tensor or int8 codes,
-    as for ``lstm_unrolled``) and, with biases, ``b_ih, b_hh [3H]``:
+    as for ``lstm_scanned``) and, with biases, ``b_ih, b_hh [3H]``:
     ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = n + z * (h - n)``."""
-    per, directions, hidden, steps, batch, rows = _layout("GRU", x, hx, params, has_biases, num_layers,
-                                                          bidirectional, batch_first)
+    per, directions, hidden, seq = _layout("GRU", x, hx, params, num_layers, bidirectional, batch_first)
     h_n = []
     for layer in range(num_layers):
         outputs = []
@@ -129,47 +140,39 @@ def gru_unrolled(x, hx, params, has_biases: bool, num_layers: int, dropout: floa
             k = layer * directions + direction
             w_ih, w_hh, *biases = params[k * per:(k + 1) * per]
             b_ih, b_hh = biases if has_biases else (None, None)
-            projected = _linear(rows, w_ih, b_ih)
-            h = hx[k:k + 1].reshape(-1, hidden)
-            order = range(steps - 1, -1, -1) if direction else range(steps)
-            hs: list = [None] * steps
-            for t in order:
-                xi = projected[t * batch:(t + 1) * batch]
-                hh = _linear(h, w_hh, b_hh)   # b_hn stays inside r * (...): the bias is the linear's own
-                rz = torch.sigmoid(xi[:, :2 * hidden] + hh[:, :2 * hidden])
-                n = torch.tanh(xi[:, 2 * hidden:] + rz[:, :hidden] * hh[:, 2 * hidden:])
-                h = n + rz[:, hidden:] * (h - n)
-                hs[t] = h
-            outputs.append(torch.cat(hs, dim=0))
+            state = hx[k:k + 1].reshape(-1, hidden)
+            h, out = _over_time(_gru_step(w_hh, b_hh, hidden), state, _projected(seq, w_ih, [b_ih] if has_biases else []),
+                                bool(direction))
+            outputs.append(out)
             h_n.append(h.reshape(1, -1, hidden))
-        rows = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        seq = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if train and dropout and layer < num_layers - 1:
-            rows = F.dropout(rows, dropout, training=True)
-    return _sequence(rows, steps, batch, batch_first), torch.cat(h_n, dim=0)
+            seq = F.dropout(seq, dropout, training=True)
+    return seq.transpose(0, 1) if batch_first else seq, torch.cat(h_n, dim=0)
 
 
-class UnrolledLSTM(nn.Module):
-    """An ``nn.LSTM``'s parameters (shared, not copied) with the unrolled forward."""
+class ScannedLSTM(nn.Module):
+    """An ``nn.LSTM``'s parameters (shared, not copied) with the forward as a scan over time."""
 
     def __init__(self, lstm: nn.LSTM) -> None:
         super().__init__()
         if lstm.proj_size:
-            raise ExportError("LSTM with proj_size cannot be unrolled for the .pte; export .onnx, or use proj_size=0")
+            raise ExportError("LSTM with proj_size cannot be written for the .pte; export .onnx, or use proj_size=0")
         self.lstm = lstm
         self.training = lstm.training   # the cell's mode (its dropout), not nn.Module's default
 
     def forward(self, x, hx=None):
         lstm = self.lstm
         x, hx, unbatched = _batched(lstm, x, hx, pair=True)
-        out, h, c = lstm_unrolled(x, hx, lstm._flat_weights, lstm.bias, lstm.num_layers, lstm.dropout,
-                                  self.training, lstm.bidirectional, lstm.batch_first)
+        out, h, c = lstm_scanned(x, hx, _weights(lstm), lstm.bias, lstm.num_layers, lstm.dropout,
+                                 self.training, lstm.bidirectional, lstm.batch_first)
         if unbatched:
             out, h, c = out.squeeze(0 if lstm.batch_first else 1), h.squeeze(1), c.squeeze(1)
         return out, (h, c)
 
 
-class UnrolledGRU(nn.Module):
-    """An ``nn.GRU``'s parameters (shared, not copied) with the unrolled forward."""
+class ScannedGRU(nn.Module):
+    """An ``nn.GRU``'s parameters (shared, not copied) with the forward as a scan over time."""
 
     def __init__(self, gru: nn.GRU) -> None:
         super().__init__()
@@ -179,11 +182,17 @@ class UnrolledGRU(nn.Module):
     def forward(self, x, hx=None):
         gru = self.gru
         x, hx, unbatched = _batched(gru, x, hx, pair=False)
-        out, h = gru_unrolled(x, hx, gru._flat_weights, gru.bias, gru.num_layers, gru.dropout, self.training,
-                              gru.bidirectional, gru.batch_first)
+        out, h = gru_scanned(x, hx, _weights(gru), gru.bias, gru.num_layers, gru.dropout, self.training,
+                             gru.bidirectional, gru.batch_first)
         if unbatched:
             out, h = out.squeeze(0 if gru.batch_first else 1), h.squeeze(1)
         return out, h
+
+
+def _weights(rnn: nn.RNNBase) -> list:
+    """The cell's weights read through the module (``_flat_weights`` is a list kept at init, which
+    ``torch.export`` does not swap for the traced parameters: the scan would close over real tensors)."""
+    return [getattr(rnn, name) for name in rnn._flat_weights_names]
 
 
 def _batched(rnn: nn.RNNBase, x, hx, *, pair: bool):
@@ -194,23 +203,23 @@ def _batched(rnn: nn.RNNBase, x, hx, *, pair: bool):
         x = x.unsqueeze(0 if rnn.batch_first else 1)
     batch = x.shape[0] if rnn.batch_first else x.shape[1]
     if hx is None:
-        zeros = x.new_zeros(rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
-        hx = (zeros, zeros) if pair else zeros
+        shape = (rnn.num_layers * (2 if rnn.bidirectional else 1), batch, rnn.hidden_size)
+        hx = (x.new_zeros(shape), x.new_zeros(shape)) if pair else x.new_zeros(shape)   # two: a scan's carries may not alias
     elif unbatched:
         hx = tuple(h.unsqueeze(1) for h in hx) if pair else hx.unsqueeze(1)
     return x, hx, unbatched
 
 
-_UNROLLED = {torch.ops.aten.lstm.input: lstm_unrolled, torch.ops.aten.gru.input: gru_unrolled}
-_MODULES = {nn.LSTM: UnrolledLSTM, nn.GRU: UnrolledGRU}
+_SCANNED = {torch.ops.aten.lstm.input: lstm_scanned, torch.ops.aten.gru.input: gru_scanned}
+_MODULES = {nn.LSTM: ScannedLSTM, nn.GRU: ScannedGRU}
 
 
-def unroll_recurrent(model: nn.Module) -> nn.Module:
-    """``model`` with every LSTM and GRU unrolled (a shallow copy; ``model`` itself is unchanged),
+def scan_recurrent(model: nn.Module) -> nn.Module:
+    """``model`` with every LSTM and GRU as a scan over time (a shallow copy; ``model`` itself is unchanged),
     or ``model`` when it has none.
 
     In a captured graph, a cell whose weight matrices are all int8 (``int8_weights``) is handed
-    their codes and qparams, so that each unrolled ``linear`` is a qd8-f32-qc8w GEMM (``_linear``)
+    their codes and qparams, so that each of its linears is a qd8-f32-qc8w GEMM (``_linear``)
     — except the first layer's input projection, whose weight is dequantized here into a float
     constant (4x that matrix's bytes) and computed in float: its input is whatever the model
     feeds the cell, which one int8 scale per row may not hold (Resemblyzer's power mel spans four
@@ -224,13 +233,13 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
         swapped = copy.copy(model)
         _replace(swapped, names)
         return swapped
-    if not any(n.op == "call_function" and n.target in _UNROLLED for n in model.graph.nodes):
+    if not any(n.op == "call_function" and n.target in _SCANNED for n in model.graph.nodes):
         return model
     graph = torch.fx.Graph()
     graph._codegen = model.graph._codegen                 # an exported module's pytree in/out specs
     graph.output(graph.graph_copy(model.graph, {}))
     floats: dict[str, torch.Tensor] = {}
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _UNROLLED]:
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in _SCANNED]:
         if int8_weights(node):
             per = 4 if node.args[3] else 2
             directions = 2 if node.args[7] else 1
@@ -246,7 +255,7 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
                 else:
                     params.append((p.args[0], p.args[1], p.args[2], p.args[4], p.args[5]))
             node.args = (*node.args[:2], params, *node.args[3:])
-        node.target = _UNROLLED[node.target]
+        node.target = _SCANNED[node.target]
     for dq in [n for n in graph.nodes if is_int8_per_row(n) and not n.users]:
         graph.erase_node(dq)
     for attr in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
@@ -258,11 +267,9 @@ def unroll_recurrent(model: nn.Module) -> nn.Module:
     return torch.fx.GraphModule(root, graph)
 
 
-unroll_lstms = unroll_recurrent   # the name deploy.api imports
-
 
 def _replace(root: nn.Module, names: list[str]) -> None:
-    """Swap the LSTMs and GRUs at ``names`` for unrolled ones, copying (shallowly) each module on
+    """Swap the LSTMs and GRUs at ``names`` for scanned ones, copying (shallowly) each module on
     the path so the original tree is left as it was."""
     root._modules = dict(root._modules)
     for name in names:

@@ -199,7 +199,7 @@ def annotate_recurrent(gm: torch.fx.GraphModule, filter_fn=None, *, qat: bool = 
     row (axis 0), range ±127. XNNPACK's quantizer has no recurrent pattern, so without this an LSTM
     stays float through every int8 scheme. After ``convert_pt2e`` the cell reads int8 constants
     through ``dequantize_per_channel``: ONNX keeps its ``LSTM``/``GRU`` op on ``DequantizeLinear``'d
-    weights; the ``.pte`` unrolls it into qd8-f32-qc8w linears (``deploy.recurrent``). ``qat``: the
+    weights; the ``.pte`` runs it as a scan over time of qd8-f32-qc8w linears (``deploy.recurrent``). ``qat``: the
     weights are fake-quantized while training, so training sees the rounding the file applies.
     A cell ``filter_fn`` rejects (``fp32_layers``) stays float. Returns how many matrices were marked."""
     from torchao.quantization.pt2e import FakeQuantize
