@@ -105,6 +105,22 @@ def test_a_pte_takes_any_number_of_frames_within_the_exported_range(tmp_path):
         torch.testing.assert_close(runner.predict(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_dynamic_batch_writes_the_frames_out_and_refuses_a_dynamic_length_too(tmp_path):
+    from deepshrink.core.graph import capture
+    from deepshrink.evaluation.runners import open_runner
+
+    model = Encoder().eval()
+    samples = [torch.randn(8, 5) for _ in range(4)]
+    result = export(model, tmp_path / "enc.pte", example_input=torch.stack(samples[:2]), parity_samples=samples)
+    assert result.parity_passed
+    runner = open_runner(tmp_path / "enc.pte")
+    for batch in (1, 3):
+        x = torch.randn(batch, 8, 5)
+        torch.testing.assert_close(runner.predict(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ExportError, match="both a dynamic batch and a dynamic time dimension.*static_batch: true"):
+        capture(scan_recurrent(model), torch.randn(2, 6, 5), max_batch=4, dynamic={0: {1: (2, 16)}})
+
+
 def _int8_graph(cell=nn.LSTM):
     """A 2-layer cell quantized by the int8 quantizer (weights int8 per row, weight-only)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

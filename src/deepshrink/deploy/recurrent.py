@@ -13,7 +13,9 @@ all frames at once (one ``linear``), then ``torch.scan`` over time of one step w
 as a loop around that step's graph, and ``deploy.scan_lowering`` lowers the step to XNNPACK: the
 file holds one step however long the input, and the time dimension may be dynamic (any number of
 frames within the export's bounds). Unrolled step by step instead, each step's ~15 ops were
-1.8 KB of the file per frame and layer (Resemblyzer's 3 x 160: 0.86 MB) and the length was fixed.
+1.8 KB of the file per frame and layer (Resemblyzer's 3 x 160: 0.86 MB) and the length was fixed —
+which is still what a dynamic *batch* gets (``_over_time`` says why), with part of each step outside
+XNNPACK: ``static_batch`` is the fast, small file.
 The values are those of the aten op up to float rounding (the parity gate checks the file).
 
 Int8 weights (``quantization.quantizer.annotate_recurrent``: int8 codes per output row behind a
@@ -73,10 +75,29 @@ def _projected(seq, w, biases):
 
 
 def _over_time(step, init, xs, reverse: bool):
-    """``torch.scan`` of ``step(carry, x_t) -> (carry, y_t)`` over dim 0 of ``xs``."""
-    from torch._higher_order_ops.scan import scan
+    """``step(carry, x_t) -> (carry, y_t)`` over dim 0 of ``xs`` ``[T, B, ...]``: ``(carry, ys)``.
 
-    return scan(step, init, xs, reverse=reverse)
+    With a static batch, ``torch.scan`` (one step in the graph; ``T`` may be dynamic). With a dynamic
+    batch, the loop written out frame by frame: ``torch.scan``'s own tracing fails on a carry of
+    symbolic size when ExecuTorch decomposes it (torch 2.13: "'SymInt' object has no attribute
+    'unsqueeze'"), so there each frame is ~15 nodes of the file and ``T`` must be static."""
+    steps, batch = xs.shape[0], xs.shape[1]
+    if isinstance(batch, int):
+        from torch._higher_order_ops.scan import scan
+
+        def copied(carry, x):   # a scan's outputs may not alias its carry; the lowering drops the copy
+            carry, y = step(carry, x)
+            return carry, y.clone()
+        return scan(copied, init, xs, reverse=reverse)
+    if not isinstance(steps, int):
+        raise ExportError("a recurrent cell with both a dynamic batch and a dynamic time dimension cannot be lowered to "
+                          "a .pte: export it with static_batch: true (any number of frames), or with a fixed number of "
+                          "frames, or export .onnx, whose LSTM/GRU op takes both")
+    rows = xs.reshape(steps * batch, -1)   # frame t in rows t * B to (t + 1) * B: one slice a frame, one cat
+    carry, ys = init, [None] * steps
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        carry, ys[t] = step(carry, rows[t * batch:(t + 1) * batch])
+    return carry, torch.cat(ys, dim=0).reshape(steps, batch, -1)
 
 
 def _lstm_step(w_hh, hidden: int):
@@ -87,7 +108,7 @@ def _lstm_step(w_hh, hidden: int):
         g = torch.tanh(gates[:, 2 * hidden:3 * hidden])
         c = sig[:, hidden:2 * hidden] * c + sig[:, :hidden] * g
         h = sig[:, 3 * hidden:] * torch.tanh(c)
-        return (h, c), h.clone()   # scan's outputs may not alias; the lowering drops the copy
+        return (h, c), h
     return step
 
 
@@ -97,7 +118,7 @@ def _gru_step(w_hh, b_hh, hidden: int):
         rz = torch.sigmoid(xi[:, :2 * hidden] + hh[:, :2 * hidden])
         n = torch.tanh(xi[:, 2 * hidden:] + rz[:, :hidden] * hh[:, 2 * hidden:])
         h = n + rz[:, hidden:] * (h - n)
-        return h, h.clone()
+        return h, h
     return step
 
 
