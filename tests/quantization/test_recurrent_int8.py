@@ -18,10 +18,10 @@ STEPS, FEATURES, HIDDEN = 3, 6, 64
 class Encoder(nn.Module):
     """A speaker encoder in small: a 2-layer cell over the frames, its last hidden state projected."""
 
-    def __init__(self, cell: type = nn.LSTM) -> None:
+    def __init__(self, cell: type = nn.LSTM, features: int = FEATURES) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.rnn, self.fc = cell(FEATURES, HIDDEN, 2, batch_first=True), nn.Linear(HIDDEN, 4)
+        self.rnn, self.fc = cell(features, HIDDEN, 2, batch_first=True), nn.Linear(HIDDEN, 4)
 
     def forward(self, x):
         _, state = self.rnn(x)
@@ -29,9 +29,9 @@ class Encoder(nn.Module):
         return self.fc(h[-1])
 
 
-def _samples(n: int = 16) -> list[torch.Tensor]:
+def _samples(n: int = 16, features: int = FEATURES) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(STEPS, FEATURES, generator=g) for _ in range(n)]
+    return [torch.randn(STEPS, features, generator=g) for _ in range(n)]
 
 
 
@@ -159,6 +159,37 @@ def test_int8_cell_in_both_files(data, cell, config, tmp_path):
     for path in (tmp_path / "int8.onnx", tmp_path / "int8.pte"):
         produced = torch.cat([open_runner(path).predict_all(s[None])[0] for s in samples])
         assert (produced - reference).abs().max().item() < 0.004, path.name
+
+
+def test_the_first_layer_input_projection_is_int8_in_groups_of_8_features(tmp_path, monkeypatch):
+    """With 16 input features (a multiple of 8, more than 8), layer 0's input weights stay int8 in the .pte:
+    two 8-column groups, the input rounded per row of each group, instead of a float copy of the matrix."""
+    samples = [s * torch.logspace(0, 3, 16) for s in _samples(features=16)]   # features spanning three decades
+    model = Encoder(nn.LSTM, features=16).eval()
+    quantized = ds.quantize(model, ds.Int8Static(int8_layout="s8s8-reduced"), data=ds.data.from_samples(calib=samples, eval=samples))
+    pte = export(quantized, tmp_path / "int8.pte", example_input=torch.stack(samples[:2]), parity_samples=samples,
+                 static_batch=True)
+    assert pte.parity_passed
+    blob = (tmp_path / "int8.pte").read_bytes()
+    [codes] = [c for c in _int8_tensors(quantized) if tuple(c.shape) == (4 * HIDDEN, 16)]   # as rounded (GPTQ here)
+    for g in range(2):   # each group's codes stored once, and not the whole matrix
+        assert blob.count(codes[:, 8 * g:8 * (g + 1)].contiguous().numpy().tobytes()) == 1, g
+    assert blob.count(codes.numpy().tobytes()) == 0
+    import deepshrink.deploy.recurrent as recurrent
+
+    monkeypatch.setattr(recurrent, "INPUT_GROUP", 32)   # 16 features in no group of 32: the float matrix instead
+    floated = export(quantized, tmp_path / "float-input.pte", example_input=torch.stack(samples[:2]), static_batch=True)
+    # 4 bytes a weight against 1 (12,288 B here), less the second group's linear, add and rounding nodes: measured 9,856 B
+    saved = floated.file_bytes - pte.file_bytes
+    assert 3 * codes.numel() - 3000 <= saved <= 3 * codes.numel(), saved
+    from deepshrink.evaluation.runners import open_runner
+
+    x = torch.stack(samples)
+    with torch.no_grad():
+        reference = model(x)
+    produced = torch.cat([open_runner(tmp_path / "int8.pte").predict_all(s[None])[0] for s in samples])
+    err = (produced - reference).abs().max().item()
+    assert err < 0.05 * reference.abs().max().item(), (err, reference.abs().max().item())
 
 
 def test_an_lstm_with_a_projection_stays_float_instead_of_failing():
