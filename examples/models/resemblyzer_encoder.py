@@ -22,9 +22,9 @@ pauses), volume-normalised to -30 dBFS like ``preprocess_wav``, then librosa's d
 STFT, power 2, 40 Slaney mel bands 0-8 kHz. A power (not log) mel, as the package feeds it.
 Batching samples of different lengths needs padding or one call per sample.
 
-Export: the frames dim cannot be dynamic: the LSTM's decomposition guards ``Eq(frames, example)``
-and specialises it (strict and non-strict alike). Batch-only dynamic with fixed frames exports;
-its XNNPACK lowering unrolls the LSTM per frame (about 4 s of lowering per frame on this machine).
+Export: ``torch.export`` of the model as it is specialises the frames dim (the LSTM's decomposition
+guards ``Eq(frames, example)``), so the ``.onnx`` has fixed frames; the ``.pte`` path writes the LSTM
+as a scan over time (``deploy.recurrent``), which exports with a dynamic frames dim (static batch).
 """
 from __future__ import annotations
 
