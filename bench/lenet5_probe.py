@@ -44,10 +44,6 @@ VARIANTS = {
     "r50-e20": (R50, TrainConfig(epochs=20, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), None),
     "d12-r60-e40": (R60, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), 12),
     "d12-r40-e40": (R40, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), 12),
-    "r60-e80": (R60, TrainConfig(epochs=80, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), None),
-    "r60-e40-lr5e-4": (R60, TrainConfig(epochs=40, lr=5e-4, batch_size=128, distill=DISTILL, seed=0), None),
-    "r60-e40-t2": (R60, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=Distillation(temperature=2.0, alpha=0.7),
-                                    seed=0), None),
 }
 
 
