@@ -62,12 +62,12 @@ def _linear(x, w, b=None):
     return F.linear(int8_per_row_round_trip(x), weight, b)
 
 
-def _layout(kind: str, x, h0, params, num_layers: int, bidirectional: bool, batch_first: bool):
+def _layout(kind: str, x, h0, params, has_biases: bool, num_layers: int, bidirectional: bool, batch_first: bool):
     """Checks shared by both cells; returns ``(per, directions, hidden, seq)`` with ``seq`` the input
     time-major, ``[T, B, in]``."""
-    per = len(params) // (num_layers * (2 if bidirectional else 1))
+    per = 4 if has_biases else 2
     directions = 2 if bidirectional else 1
-    if per not in (2, 4) or len(params) != per * num_layers * directions:
+    if len(params) != per * num_layers * directions:
         raise ExportError(f"{kind} with proj_size cannot be written for the .pte; export .onnx, or use proj_size=0")
     return per, directions, h0.shape[-1], x.transpose(0, 1) if batch_first else x
 
@@ -136,7 +136,7 @@ def lstm_scanned(x, hx, params, has_biases: bool, num_layers: int, dropout: floa
     their qparams: ``_linear``) and, with biases, ``b_ih, b_hh [4H]``; projections (``proj_size``)
     are not supported."""
     h0, c0 = hx
-    per, directions, hidden, seq = _layout("LSTM", x, h0, params, num_layers, bidirectional, batch_first)
+    per, directions, hidden, seq = _layout("LSTM", x, h0, params, has_biases, num_layers, bidirectional, batch_first)
     h_n, c_n = [], []
     for layer in range(num_layers):
         outputs = []
@@ -160,7 +160,7 @@ def gru_scanned(x, hx, params, has_biases: bool, num_layers: int, dropout: float
     per layer and direction: ``w_ih [3H, in], w_hh [3H, H]`` (gates r, z, n; a tensor or int8 codes,
     as for ``lstm_scanned``) and, with biases, ``b_ih, b_hh [3H]``:
     ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``, ``h' = n + z * (h - n)``."""
-    per, directions, hidden, seq = _layout("GRU", x, hx, params, num_layers, bidirectional, batch_first)
+    per, directions, hidden, seq = _layout("GRU", x, hx, params, has_biases, num_layers, bidirectional, batch_first)
     h_n = []
     for layer in range(num_layers):
         outputs = []
@@ -281,20 +281,7 @@ def scan_recurrent(model: nn.Module) -> nn.Module:
                 if not is_int8_per_row(p):
                     params.append(p)
                 elif index % per == 0 and index < per * directions:   # layer 0's w_ih: see above
-                    codes = get_attr_tensor(model, p.args[0])
-                    if codes.shape[1] % INPUT_GROUP or codes.shape[1] == INPUT_GROUP:
-                        name = f"_deepshrink_float_{node.name}_{index}"
-                        constants[name] = per_row_dequantized(model, p).float()
-                        with graph.inserting_before(node):
-                            params.append(graph.get_attr(name))
-                        continue
-                    parts = []
-                    for g in range(codes.shape[1] // INPUT_GROUP):
-                        name = f"_deepshrink_codes_{node.name}_{index}_{g}"
-                        constants[name] = codes[:, g * INPUT_GROUP:(g + 1) * INPUT_GROUP].contiguous()
-                        with graph.inserting_before(node):
-                            parts.append(graph.get_attr(name))
-                    params.append((parts, p.args[1], p.args[2], p.args[4], p.args[5]))
+                    params.append(_first_input_weight(model, graph, node, index, p, constants))
                 else:
                     params.append((p.args[0], p.args[1], p.args[2], p.args[4], p.args[5]))
             node.args = (*node.args[:2], params, *node.args[3:])
@@ -309,6 +296,22 @@ def scan_recurrent(model: nn.Module) -> nn.Module:
             for n in graph.nodes if n.op in ("get_attr", "call_module")}
     return torch.fx.GraphModule(root, graph)
 
+
+
+def _first_input_weight(model, graph: torch.fx.Graph, cell: torch.fx.Node, index: int, dq: torch.fx.Node,
+                        constants: dict[str, torch.Tensor]):
+    """The first layer's int8 input weight (``dq``, its ``dequantize_per_channel``) as ``_linear``
+    takes it: its codes' columns in groups of ``INPUT_GROUP``, or, when the input has no two such
+    groups, the dequantized float matrix. New constants go in ``constants``, read by get_attr nodes."""
+    codes = get_attr_tensor(model, dq.args[0])
+    groups = codes.shape[1] // INPUT_GROUP if codes.shape[1] % INPUT_GROUP == 0 else 1
+    tensors = ({f"_deepshrink_float_{cell.name}_{index}": per_row_dequantized(model, dq).float()} if groups < 2 else
+               {f"_deepshrink_codes_{cell.name}_{index}_{g}": codes[:, g * INPUT_GROUP:(g + 1) * INPUT_GROUP].contiguous()
+                for g in range(groups)})
+    constants.update(tensors)
+    with graph.inserting_before(cell):
+        attrs = [graph.get_attr(name) for name in tensors]
+    return attrs[0] if groups < 2 else (attrs, dq.args[1], dq.args[2], dq.args[4], dq.args[5])
 
 
 def _replace(root: nn.Module, names: list[str]) -> None:
