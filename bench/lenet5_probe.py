@@ -44,6 +44,9 @@ VARIANTS = {
     "r50-e20": (R50, TrainConfig(epochs=20, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), None),
     "d12-r60-e40": (R60, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), 12),
     "d12-r40-e40": (R40, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=DISTILL, seed=0), 12),
+    # the training images moved by up to 1 or 2 pixels each way (TrainConfig.random_shift)
+    "r60-e40-s1": (R60, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=DISTILL, random_shift=1, seed=0), None),
+    "r60-e40-s2": (R60, TrainConfig(epochs=40, lr=1e-3, batch_size=128, distill=DISTILL, random_shift=2, seed=0), None),
 }
 
 
@@ -108,6 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", choices=list(VARIANTS), help="(internal) train and score one variant, print JSON")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="run and choose among these only (default: all)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(train_one(args.one)), flush=True)
@@ -117,8 +122,8 @@ def main() -> None:
     data = mnist()
     started = time.perf_counter()
     # every dense start trained once here, before the workers share it
-    starts = {epochs: dense_start(epochs, data) for epochs in dict.fromkeys(v[2] for v in VARIANTS.values())}
-    pending, running, results = list(VARIANTS), [], []
+    starts = {epochs: dense_start(epochs, data) for epochs in dict.fromkeys(VARIANTS[v][2] for v in args.variants)}
+    pending, running, results = list(args.variants), [], []
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)
@@ -144,11 +149,13 @@ def main() -> None:
         mark = " **(chosen)**" if r is best else ""
         rows.append(f"| {r['name']}{mark} | dense, {start_label(epochs)} | ratio {pruning.ratio}, fc1 {pruning.overrides.get('fc1')} | "
                     f"{finetune.epochs} epochs, "
-                    f"lr {finetune.lr}, distill T {finetune.distill.temperature} alpha {finetune.distill.alpha} | {kept} | "
+                    f"lr {finetune.lr}, distill T {finetune.distill.temperature} alpha {finetune.distill.alpha}"
+                    f"{f', shift ±{finetune.random_shift} px' if finetune.random_shift else ''} | {kept} | "
                     f"{r['macs']:,} | {r['val']:.2f} | {r['test']:.2f} | "
                     f"{'cached' if r['seconds'] is None else format(r['seconds'], '.0f')} |")
     out = ["# LeNet-5: which channel cut and fine-tune the shipped file starts from", "",
-           provenance("python bench/lenet5_probe.py", 1),
+           provenance("python bench/lenet5_probe.py" + ("" if args.variants == list(VARIANTS) else
+                                                        " --variants " + " ".join(args.variants)), 1),
            f"- total wall time {(time.perf_counter() - started) / 60:.1f} min, {args.jobs} variants at a time, one thread each; "
            "one run per variant, seed 0; no spread measured; \"cached\": read from bench/.cache/shipped/, trained by "
            "an earlier run of this script (its time was not measured in this one)",

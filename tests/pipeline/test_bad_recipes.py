@@ -103,6 +103,7 @@ CASES = [
     ("optimizer-unknown", stages("train: {optimizer: adamw}"), ["stages[0].train.optimizer: 'adamw' is not allowed; choose one of 'adam', 'sgd'"]),
     ("lr-schedule-unknown", stages("train: {lr_schedule: linear}"), ["stages[0].train.lr_schedule: 'linear' is not allowed"]),
     ("patience-negative", stages("train: {early_stopping_patience: -1}"), ["stages[0].train.early_stopping_patience: -1 must be >= 0"]),
+    ("shift-negative", stages("train: {random_shift: -2}"), ["stages[0].train.random_shift: -2 must be >= 0 pixels"]),
     ("keep-best-string", stages("train: {keep_best: sure}"), ["stages[0].train.keep_best: expected true or false, got 'sure'"]),
     ("distill-temperature-zero", stages("train: {distill: {temperature: 0}}"), ["stages[0].train.distill.temperature: 0.0 must be > 0"]),
     ("distill-alpha-above-one", stages("train: {distill: {alpha: 1.5}}"), ["stages[0].train.distill.alpha: 1.5 is outside [0, 1]"]),

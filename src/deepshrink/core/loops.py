@@ -50,6 +50,10 @@ class TrainConfig:
     early_stopping_patience: int = 0  # epochs without val improvement before stopping; 0 = off
     keep_best: bool = True             # restore the weights of the best validation epoch
     distill: Distillation | None = None
+    # augmentation for image inputs (N, C, H, W): each training sample moved by a random whole number
+    # of pixels in [-random_shift, random_shift] along H and W, edges replicated; the teacher sees the
+    # same moved batch. 0 = off. Validation never moves.
+    random_shift: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +63,7 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", f"{self.weight_decay} must be >= 0, e.g. 0.0001 (0 = off)")
         check(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
         check(self.early_stopping_patience >= 0, "early_stopping_patience", f"{self.early_stopping_patience} must be >= 0")
+        check(self.random_shift >= 0, "random_shift", f"{self.random_shift} must be >= 0 pixels, e.g. 2 for 28x28 digits (0 = off)")
 
 
 @dataclass

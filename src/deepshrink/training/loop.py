@@ -116,6 +116,22 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | 
     return alpha * soft + (1 - alpha) * F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
 
+def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) with each sample moved by its own random whole-pixel offset in
+    [-pixels, pixels] along H and W (global RNG), the vacated border filled by replicating the edge."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"random_shift: {pixels} moves images (N, C, H, W float); the training inputs are {shape}: "
+                          "set random_shift: 0 for this model")
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="replicate")
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (n,)) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)    # (N, H): the rows each sample keeps
+    cols = (dx[:, None] + torch.arange(w)).to(x.device)
+    picked = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return picked.permute(0, 3, 1, 2).contiguous()       # advanced indexing put C last
+
+
 def fit(
     model: nn.Module,
     data: DataSplits,
@@ -179,6 +195,8 @@ def fit(
         for i, (x, y) in enumerate(bar):
             if on.type != "cpu":
                 x, y = S.map_tensors(lambda t: t.to(on, non_blocking=True), x), y.to(on, non_blocking=True)
+            if config.random_shift:
+                x = random_shift(x, config.random_shift)
             optimizer.zero_grad(set_to_none=True)
             logits = primary(S.call(trainee, x))
             with torch.no_grad():
