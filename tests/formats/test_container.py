@@ -312,8 +312,8 @@ def test_encode_rejects_duplicates_bad_metadata_and_dtypes():
     (SMALL[:5], "truncated at byte 5"),
     (SMALL[:100], "truncated at byte 100"),
     (SMALL + b"\x00", "1 unexpected bytes"),
-    (SMALL[:8] + b"\x02" + SMALL[9:], "unsupported .dsk format version 2"),
-    (_assemble(b"{}", b"", version=2, flags=DEFLATED), "version 2 .*reads version 1 with flags 0 or 1"),
+    (SMALL[:8] + b"\x03" + SMALL[9:], "unsupported .dsk format version 3"),
+    (_assemble(b"{}", b"", version=3, flags=DEFLATED), "version 3 .*reads versions 1 and 2 with flags 0 or 1"),
     (SMALL[:-10] + bytes([SMALL[-10] ^ 1]) + SMALL[-9:], "checksum mismatch"),
     (_assemble(b"{not json", b""), "not valid JSON"),
     (_assemble(b"[" * 100_000 + b"]" * 100_000, b""), "not valid JSON"),
@@ -328,8 +328,8 @@ def test_decode_names_what_is_wrong(data, message):
 def test_unknown_flag_bits_are_refused(flags):
     header, payload = _split(SMALL)
     stored = _deflate(json.dumps(header).encode()) if flags & DEFLATED else json.dumps(header).encode()
-    with pytest.raises(ArtifactError, match=rf"\(flags {flags:#x}\); this deepshrink reads version 1 "
-                                            r"with flags 0 or 1"):
+    with pytest.raises(ArtifactError, match=rf"\(flags {flags:#x}\); this deepshrink reads versions 1 "
+                                            r"and 2 with flags 0 or 1"):
         decode_bytes(_assemble(stored, payload, flags=flags))
 
 
@@ -488,3 +488,65 @@ def test_fuzzed_bytes_raise_only_artifact_error(small):
             data[rng.randrange(lo, len(data) - 4)] = rng.randrange(256)
         _decode_or_artifact_error(_reseal(bytes(data)))
     assert time.perf_counter() - start < 20
+
+
+def _version(data: bytes) -> int:
+    return PREAMBLE.unpack_from(data)[1]
+
+
+def test_a_float32_stream_whose_values_are_float16_is_stored_in_half_the_bytes_and_decodes_bit_for_bit():
+    bias = torch.tensor([0.5, -0.0, 0.0, 1.0009765625, -65504.0, 6.103515625e-05, 3.0, -2.25])  # all float16 values
+    data = encode_records([record_for("fc.bias", bias)])
+    header, payload = _split(data)
+    assert header["records"][0]["stored_as"] == {"values": "float16"}
+    assert header["records"][0]["streams"] == [["values", 16]] and len(payload) == 16   # 2 B per value, not 4
+    assert _version(data) == 2
+    out = decode_bytes(data)[0]["fc.bias"]
+    _assert_same(out, bias)
+    assert torch.equal(out.view(torch.int32), bias.view(torch.int32))   # -0.0 stays -0.0
+    # the same values nudged by one float32 ulp: not float16, stored as float32 in a version-1 file
+    nudged = torch.nextafter(bias, torch.full_like(bias, 1e9))
+    plain = encode_records([record_for("fc.bias", nudged)])
+    assert "stored_as" not in _split(plain)[0]["records"][0] and len(_split(plain)[1]) == 32 and _version(plain) == 1
+    _assert_same(decode_bytes(plain)[0]["fc.bias"], nudged)
+
+
+def test_values_past_float16_range_that_are_bfloat16_go_to_bfloat16_and_float64_may_narrow_to_float32():
+    big = torch.tensor([1e30, -3e-30, 2.0]).to(torch.bfloat16).float()
+    header = _split(encode_records([record_for("scale", big)]))[0]["records"][0]
+    assert header["stored_as"] == {"values": "bfloat16"}
+    _assert_same(decode_bytes(encode_records([record_for("scale", big)]))[0]["scale"], big)
+    wide = torch.tensor([0.1, 1e-40], dtype=torch.float32).double()
+    data = encode_records([record_for("w64", wide)])
+    assert _split(data)[0]["records"][0]["stored_as"] == {"values": "float32"}
+    _assert_same(decode_bytes(data)[0]["w64"], wide)
+
+
+def test_a_float16_codebook_is_narrowed_and_the_indices_are_unchanged():
+    t, mask, cb, idx = _shared((16, 32), 0.9, 3, seed=4)
+    cb16 = cb.half().float()
+    t16 = torch.where(mask, cb16[idx], torch.zeros(()))
+    wide, narrow = (record_for("w", x, mask=mask, codebook=c, indices=idx, kind="sparse_codebook")
+                    for x, c in ((t, cb), (t16, cb16)))
+    narrow_header, narrow_payload = _split(encode_records([narrow]))
+    wide_header, wide_payload = _split(encode_records([wide]))
+    assert narrow_header["records"][0]["stored_as"] == {"codebook": "float16"}
+    streams = dict(narrow_header["records"][0]["streams"])
+    assert streams["codebook"] == 2 * 8 and dict(wide_header["records"][0]["streams"])["codebook"] == 4 * 8
+    assert streams["indices"] == dict(wide_header["records"][0]["streams"])["indices"]
+    assert len(wide_payload) - len(narrow_payload) == 16
+    _assert_same(decode_bytes(encode_records([narrow]))[0]["w"], t16)
+
+
+@pytest.mark.parametrize("stored_as, why", [
+    ({"values": "float64"}, "narrower than float32"),
+    ({"values": "int8"}, "narrower than float32"),
+    ({"indices": "float16"}, "values/codebook streams"),
+    (["float16"], "must map"),
+])
+def test_a_stored_as_field_that_does_not_narrow_is_refused(stored_as, why):
+    data = encode_records([record_for("fc.bias", torch.tensor([0.5, 2.0]))])
+    header, payload = _split(data)
+    header["records"][0]["stored_as"] = stored_as
+    with pytest.raises(ArtifactError, match=rf"fc\.bias.*'stored_as' .* {why}"):
+        decode_bytes(_assemble(header, payload, version=2))

@@ -4,7 +4,8 @@ Layout, integers little-endian:
 
     offset   size  field
     0        8     magic b"\\x89DSK\\r\\n\\x1a\\n" (PNG-style: catches text-mode and 7-bit mangling)
-    8        2     format version (1)
+    8        2     format version: 2 when a record stores a stream in a narrower float type
+                   (its header's ``stored_as``, see ``formats.records``), else 1
     10       2     flags: bit 0 = the header is compressed; any other bit set is refused
     12       4     header length H (as stored: compressed length when bit 0 is set)
     16       8     payload length P
@@ -15,7 +16,9 @@ Layout, integers little-endian:
 
 The encoder compresses the header (zlib level 9) and sets flag bit 0 only when that makes it
 smaller; otherwise it writes flags 0 and the plain JSON, so files from before the flag existed
-and files written now under flags 0 are the same format. Each header record
+and files written now under flags 0 are the same format. Likewise the version is 2 only when a
+record narrows a stream (a reader from before then refuses such a file by its version instead of
+misreading it) and 1 otherwise, byte for byte the files from before. Each header record
 (``formats.records``) lists its streams as [role, byte length] pairs; their offsets follow from
 the order and their lengths must add up to P. Decoding runs no code from the file (JSON and raw
 numpy buffers only), checks the length fields against the file size and the checksum before
@@ -50,7 +53,8 @@ __all__ = ["MAGIC", "VERSION", "FLAG_DEFLATE_HEADER", "MAX_HEADER_BYTES", "DEFAU
            "read_container", "size_breakdown"]
 
 MAGIC = b"\x89DSK\r\n\x1a\n"
-VERSION = 1
+VERSION = 2          # the newest version written and read
+_READS = (1, 2)
 FLAG_DEFLATE_HEADER = 1  # flags bit 0: the header is raw-DEFLATE-compressed JSON
 _KNOWN_FLAGS = FLAG_DEFLATE_HEADER
 MAX_HEADER_BYTES = 64 * 2**20  # a compressed header inflates to at most this (a deflate bomb stops here)
@@ -101,7 +105,8 @@ def encode_records(records: Records, metadata: Mapping[str, Any] | None = None, 
         if len(packed) < len(header):
             header, flags = packed, FLAG_DEFLATE_HEADER
     payload = b"".join(chunks)
-    body = _PREAMBLE.pack(MAGIC, VERSION, flags, len(header), len(payload)) + header + payload
+    version = VERSION if any(rec.has_narrowed_streams(h) for h in headers) else 1
+    body = _PREAMBLE.pack(MAGIC, version, flags, len(header), len(payload)) + header + payload
     return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -202,9 +207,9 @@ def _parse(data: bytes) -> tuple[list, dict, bytes, int]:
     if len(data) < _PREAMBLE.size:
         raise ArtifactError(f"truncated at byte {len(data)}: the .dsk preamble is {_PREAMBLE.size} bytes")
     _, version, flags, header_len, payload_len = _PREAMBLE.unpack_from(data)
-    if version != VERSION or flags & ~_KNOWN_FLAGS:
+    if version not in _READS or flags & ~_KNOWN_FLAGS:
         raise ArtifactError(f"unsupported .dsk format version {version} (flags {flags:#x}); this deepshrink "
-                            f"reads version {VERSION} with flags 0 or 1: upgrade deepshrink or re-export the model")
+                            f"reads versions 1 and 2 with flags 0 or 1: upgrade deepshrink or re-export the model")
     expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
     if len(data) < expected:
         raise ArtifactError(f"truncated at byte {len(data)}: the header says the file is {expected} bytes "

@@ -7,8 +7,10 @@
                      stored entry                               shared)
 
 Positions and indices are entropy-coded (``formats.sparse``, ``ops.entropy``); values and
-codebooks are raw in the tensor's dtype, so every kind decodes to exactly the tensor it was
-built from. ``record_for`` builds each kind the inputs allow and keeps the smallest.
+codebooks are raw in the tensor's dtype, or in a narrower float type (float16, then bfloat16)
+when every value of the stream converts to it and back bit for bit (the header's ``stored_as``
+names it; e.g. biases a scheme rounded to float16), so every kind decodes to exactly the tensor
+it was built from. ``record_for`` builds each kind the inputs allow and keeps the smallest.
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
 _DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 MAX_CODEBOOK = entropy.MAX_ALPHABET
+# a float stream is stored in the first of these narrower types that holds all its values exactly
+NARROWER = {"float32": ("float16", "bfloat16"), "float64": ("float32", "float16", "bfloat16")}
+_BITS_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
 _MAX_DIM = 2**31 - 1
 
 # the byte streams of each kind, in file order
@@ -145,12 +151,18 @@ def encode_record(record: TensorRecord) -> tuple[dict[str, Any], list[tuple[str,
         fields["positions"] = {"coding": encoded.coding.value, "index_bits": encoded.index_bits,
                                "count": encoded.count}
         streams["positions"] = encoded.payload
-    if record.values is not None:
-        streams["values"] = _tensor_bytes(record.values, record.dtype)
+    stored_as: dict[str, str] = {}
+    for role, tensor in (("values", record.values), ("codebook", record.codebook)):
+        if tensor is not None:
+            dtype = _narrowest(tensor, record.dtype)
+            if dtype != record.dtype:
+                stored_as[role] = dtype
+            streams[role] = _tensor_bytes(tensor.to(DTYPES[dtype][0]), dtype)
     if record.codebook is not None:
         fields["codebook_size"] = int(record.codebook.numel())
-        streams["codebook"] = _tensor_bytes(record.codebook, record.dtype)
         streams["indices"] = entropy.encode(record.indices.numpy())
+    if stored_as:
+        fields["stored_as"] = stored_as
     return fields, [(role, streams[role]) for role in STREAMS[record.kind]]
 
 
@@ -178,11 +190,15 @@ def decode_record(fields: Any, streams: Mapping[str, bytes], *, where: str,
                                               info["index_bits"], info["count"])
             positions = torch.from_numpy(sparse.decode_positions(encoded, numel=numel, nnz=fields["nnz"]))
             count = fields["nnz"]
+        stored_as = fields.get("stored_as", {})
+        torch_dtype = DTYPES[dtype][0]
         if "values" in streams:
-            values = _tensor_from_bytes(streams["values"], dtype, count, role="values")
+            values = _tensor_from_bytes(streams["values"], stored_as.get("values", dtype), count,
+                                        role="values").to(torch_dtype)
         if "codebook" in streams:
             size = fields["codebook_size"]
-            codebook = _tensor_from_bytes(streams["codebook"], dtype, size, role="codebook")
+            codebook = _tensor_from_bytes(streams["codebook"], stored_as.get("codebook", dtype), size,
+                                          role="codebook").to(torch_dtype)
             symbols = entropy.decode(streams["indices"], count)
             if symbols.size and int(symbols.max()) >= size:
                 raise ArtifactError(f"index {int(symbols.max())} is past the {size}-entry codebook")
@@ -237,7 +253,28 @@ def _check_fields(fields: Any, max_elements: int) -> tuple[RecordKind, int]:
         size = fields.get("codebook_size")
         if not _is_count(size) or not 1 <= size <= MAX_CODEBOOK:
             raise ArtifactError(f"'codebook_size' {size!r:.40} must be an int in [1, {MAX_CODEBOOK}]")
+    stored_as = fields.get("stored_as", {})
+    if not isinstance(stored_as, dict) or any(
+            role not in STREAMS[kind] or role not in ("values", "codebook")
+            or narrow not in NARROWER.get(fields["dtype"], ()) for role, narrow in stored_as.items()):
+        raise ArtifactError(f"'stored_as' {stored_as!r:.80} must map this record's values/codebook streams to a "
+                            f"float type narrower than {fields['dtype']} ({', '.join(NARROWER.get(fields['dtype'], ())) or 'none'})")
     return kind, numel
+
+
+def _narrowest(t: torch.Tensor, dtype: str) -> str:
+    """The first of ``NARROWER[dtype]`` that ``t`` converts to and back bit for bit, else ``dtype``."""
+    t = t.detach().cpu()
+    for narrow in NARROWER.get(dtype, ()) if t.numel() else ():   # an empty stream has nothing to save
+        back = t.to(DTYPES[narrow][0]).to(t.dtype)
+        if torch.equal(back.view(_BITS_VIEW[t.dtype]), t.view(_BITS_VIEW[t.dtype])):
+            return narrow
+    return dtype
+
+
+def has_narrowed_streams(fields: Mapping[str, Any]) -> bool:
+    """Whether a record's header stores a stream narrower than its dtype (.dsk version 2)."""
+    return bool(fields.get("stored_as"))
 
 
 def _is_count(x: Any) -> bool:

@@ -119,3 +119,32 @@ def test_inconsistent_records_are_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="no 'arch'"):
         load_compressed(tmp_path / "noarch.dsk")
     json.dumps(meta)  # metadata is plain JSON
+
+
+def test_float16_tables_halve_the_levels_and_biases_in_the_file_and_round_trip_exactly(tmp_path):
+    wide = quantize(_pruned_lenet(), Codebook(method="kmeans", bits=3), data=None).eval()
+    narrow = quantize(_pruned_lenet(), Codebook(method="kmeans", bits=3, tables="float16"), data=None).eval()
+    layers = ("conv1", "conv2", "fc1", "fc2")
+    for name in layers:
+        levels = quantized_weights(narrow)[f"{name}.weight"].codebook
+        bias = getattr(narrow, name).bias
+        assert torch.equal(levels, levels.half().float()) and torch.equal(bias, bias.half().float())
+        assert torch.equal(levels, quantized_weights(wide)[f"{name}.weight"].codebook.half().float())
+        assert torch.equal(quantized_weights(narrow)[f"{name}.weight"].indices, quantized_weights(wide)[f"{name}.weight"].indices)
+    path = save_compressed(narrow, tmp_path / "narrow.dsk")
+    loaded = load_compressed(path)
+    assert torch.equal(loaded(X), narrow(X))
+    assert save_compressed(loaded, tmp_path / "again.dsk").read_bytes() == path.read_bytes()
+    # the rounding moves the outputs a little, never the argmax here
+    diff = (narrow(X) - wide(X)).abs().max()
+    assert 0 < diff < 1e-2 and torch.equal(narrow(X).argmax(-1), wide(X).argmax(-1))
+    rows = {r["name"]: r for r in size_breakdown(path)}
+    wide_rows = {r["name"]: r for r in size_breakdown(save_compressed(wide, tmp_path / "wide.dsk"))}
+    for name in layers:
+        assert rows[f"{name}.weight"]["codebook_bits"] * 2 == wide_rows[f"{name}.weight"]["codebook_bits"] >= 8 * 32
+        assert rows[f"{name}.bias"]["values_bits"] * 2 == wide_rows[f"{name}.bias"]["values_bits"]
+
+
+def test_an_unknown_tables_type_is_refused():
+    with pytest.raises(ConfigError, match="tables: 'bfloat16' is not allowed; choose 'float32' or 'float16'"):
+        Codebook(tables="bfloat16")

@@ -13,6 +13,7 @@ snap (straight-through), so the weight the layer computes with is on the grid at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -104,7 +105,21 @@ def codebook_quantize_(model: nn.Module, config: Codebook, *, data: DataSplits |
         set_quantized(model, f"{name}.weight", modules[name].weight, qw)
     if config.finetunes:
         finetune_codebooks(model, data, layers=list(fitted), train=config.train, train_fn=train_fn)
+    if config.tables == "float16":
+        for name in fitted:
+            _tables_to_float16(model, name, modules[name])
     return model
+
+
+def _tables_to_float16(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Round layer ``name``'s codebook levels and bias to float16 values (kept in their dtype)."""
+    qw = quantized_weights(model)[f"{name}.weight"]
+    levels = qw.codebook.to(torch.float16).to(qw.codebook.dtype)
+    set_quantized(model, f"{name}.weight", module.weight, dataclasses.replace(qw, codebook=levels))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        with torch.no_grad():
+            bias.copy_(bias.to(torch.float16).to(bias.dtype))
 
 
 def finetune_codebooks(model: nn.Module, data: DataSplits, *, layers: list[str], train: TrainConfig,

@@ -116,6 +116,13 @@ class Codebook:
     gradients, but none from channels where it is clipped at +-127), so the weights stay on the
     grid at every step; the scales do not train. Not allowed for ``power_of_two``, whose levels
     would leave the powers of two.
+
+    ``tables``: ``"float16"`` rounds each quantized layer's levels and its bias to the nearest
+    float16 values once fitting and fine-tuning are done; the layers compute with the rounded
+    values (still float32 tensors), and the ``.dsk`` stores them in 2 bytes each instead of 4
+    (``formats.records`` stores any stream whose values are all float16 as float16). With
+    ``grid="int8"`` the levels are rounded before they are snapped; the per-channel scales stay
+    float32. ``"float32"`` keeps them as trained.
     """
 
     method: Literal["kmeans", "equal_population", "power_of_two"] = "kmeans"
@@ -125,6 +132,7 @@ class Codebook:
     kmeans_iters: int = 100
     train: TrainConfig | None = None
     grid: Literal["float", "int8"] = "float"
+    tables: Literal["float32", "float16"] = "float32"
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {"finetune_epochs": "train.epochs", "finetune_lr": "train.lr",
                                             "batch_size": "train.batch_size", "seed": "train.seed"}
@@ -142,6 +150,7 @@ class Codebook:
               "fine-tuning with method power_of_two would move its levels off the powers of two; "
               "use method kmeans to fine-tune, or leave train out")
         check(self.grid in ("float", "int8"), "grid", f"{self.grid!r} is not allowed; choose 'float' or 'int8'")
+        check(self.tables in ("float32", "float16"), "tables", f"{self.tables!r} is not allowed; choose 'float32' or 'float16'")
         check(not (self.method == "power_of_two" and self.grid == "int8"), "grid",
               "int8 would move power_of_two's levels off the powers of two; use method kmeans with grid int8, "
               "or grid float")
