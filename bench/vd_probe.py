@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--retrain", type=int, default=0, help="distilled retraining epochs after pruning (0: none)")
     parser.add_argument("--shift", type=int, default=0, help="random_shift of the training images in every stage that trains (pixels)")
+    parser.add_argument("--tables", choices=["float32", "float16"], default="float32",
+                        help="Codebook tables: float16 rounds levels and biases (2 bytes each in the .dsk)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -43,13 +45,13 @@ def main() -> None:
                                                          "random_shift": args.shift},
                    **retrain, "remove_dead": True}},
         {"quantize": {"scheme": "codebook", "method": "kmeans", "bits": 5, "layers": {"*": 5},
-                      "train": {"epochs": 2, "lr": 0.0001, "random_shift": args.shift}}},
+                      "train": {"epochs": 2, "lr": 0.0001, "random_shift": args.shift}, "tables": args.tables}},
         {"export": {"formats": ["dsk"]}},
         {"evaluate": {"latency_runs": 0}},
     ]})
     result = run_recipe(recipe, args.out or tempfile.mkdtemp(), data=data, progress=False, log=print)
     dsk = result.state.variants["compressed .dsk"]
-    print(f"RESULT {args.net} kl_weight {args.kl_weight} epochs {args.epochs} retrain {args.retrain} shift {args.shift}: "
+    print(f"RESULT {args.net} kl_weight {args.kl_weight} epochs {args.epochs} retrain {args.retrain} shift {args.shift} tables {args.tables}: "
           f"error {100 * (1 - dsk['accuracy']):.2f} %, {dsk['file_bytes']:,} B, "
           f"{dense_bytes / dsk['file_bytes']:.1f}x")
 
