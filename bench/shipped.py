@@ -52,7 +52,7 @@ from deepshrink.training import TrainConfig, accuracy, fit
 # LeNet-5: a milder cut than bench/structured.py's (there conv2 kept 16 and fine-tuned back to 0.84 % from
 # the seeded baseline, over the 0.80 % bound), distilled from the dense model: the variant of
 # bench/lenet5_probe.py with the lowest validation error (bench/results/lenet5_probe.md), its model cached there
-LENET_VARIANT = "r60-e40"
+LENET_VARIANT = "r60-e40-s1"
 # LeNet-300-100: 4-bit per-channel weight QAT (LSQ steps) of the VD model, distilled from it, before the 4-bit .pte
 LOWBIT_QAT = WeightQAT(bits=4, granularity="per_channel", method="lsq",
                        train=TrainConfig(epochs=2, lr=1e-4, batch_size=128, distill=DISTILL, seed=0))
