@@ -112,6 +112,12 @@ class Int8Static:
     SQNR at 8 bits, 19.3 at 4), so it is opt-in; ``False`` keeps them float.
     ``mixed_precision``: a ``MixedPrecision`` to keep the layers that cost most fidelity in float,
     chosen by measuring each one's effect on the output (after every other repair); ``None``: none.
+    ``float_outputs``: the conv/linear layers that compute the model's outputs (through activations
+    and reshapes only: a classifier's last linear before its softmax or sigmoid) keep int8 weights but
+    quantize their input at run time and give float results (XNNPACK's qd8-f32-qc8w; ONNX: the input
+    quantized by ops in the graph), so the file is as small, while static int8 would round each output
+    to one of 256 codes: near-equal scores then tie, and argmax takes the lower index (CREPE's pitch
+    bins: every lost answer of its int8 file was such a tie, ``examples/recipes/crepe-tiny.yaml``).
     """
 
     calibration: Calibration = "histogram"
@@ -126,6 +132,7 @@ class Int8Static:
     int8_layout: Int8Layout | None = None
     embeddings: EmbeddingBits = True
     mixed_precision: MixedPrecision | None = None
+    float_outputs: bool = False
 
     def __post_init__(self) -> None:
         _check_embeddings(self.embeddings)

@@ -70,7 +70,7 @@ def quantize_static(model: nn.Module, config: Int8Static, data: DataSplits, targ
         quantizer = build_quantizer(
             quantization_config(per_channel=per_channel, calibration="histogram" if auto else config.calibration,
                                 percentile=config.percentile, int8_layout=layout),
-            fp32_layers=fp32, embeddings=config.embeddings, fp32_nodes=fp32_nodes,
+            fp32_layers=fp32, embeddings=config.embeddings, fp32_nodes=fp32_nodes, float_outputs=config.float_outputs,
         )
         prepared = prepare_pt2e(source, quantizer)
         seen = calibrate(prepared, data, config.calibration_samples)

@@ -114,11 +114,14 @@ class Annotated:
 
 
 def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bool | int = False,
-                    fp32_nodes: tuple[str, ...] = ()):
+                    fp32_nodes: tuple[str, ...] = (), float_outputs: bool = False):
     """An ``XNNPACKQuantizer`` (subclass) with ``config`` global and ``fp32_layers`` left float;
     ``embeddings``: embedding tables quantized per row as well, ``True``/``8`` int8, ``4`` 4-bit
     (weight-only; see ``annotate_embeddings``). ``fp32_nodes``: graph nodes (by name) left
     unannotated as well — an op inside a layer, such as a residual add (``quantization.mixed_precision``).
+    ``float_outputs`` (static configs): the conv/linear layers that compute the model's outputs
+    (``output_layers``) get int8 weights and inputs quantized at run time instead, so their outputs
+    stay float (XNNPACK's qd8-f32-qc8w kernels) rather than taking one of 256 static codes.
     After ``prepare_pt2e``, the quantizer's ``annotated`` (``Annotated``) names the nodes it annotated."""
     require("executorch")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
@@ -138,9 +141,18 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bo
                 p for p in XNNPACKQuantizer.SUPPORTED_PATTERNS
                 if (has_bn or "_bn" not in p.name) and (has_transposed or "transpose" not in p.name)
             ]
+            static = not (self.global_config.input_activation.is_dynamic or self.global_config.is_qat)
+            outputs = output_layers(model) if float_outputs and static else frozenset()
+            base_filter = self.filter_fn
+            if outputs:   # the static patterns must not take them
+                self.filter_fn = lambda n: n.name not in outputs and (base_filter is None or base_filter(n))
             if not self.global_config.input_activation.is_dynamic:
                 annotate_clamped(model, self.global_config, self.filter_fn)
             super().annotate(model)
+            self.filter_fn = base_filter
+            if outputs:
+                annotate_dynamic(model, self.global_config, lambda n: (n.op != "call_function" or n.name in outputs)
+                                 and (base_filter is None or base_filter(n)))
             if embeddings:
                 annotate_embeddings(model, self.filter_fn, bits=8 if embeddings is True else int(embeddings))
             annotate_recurrent(model, self.filter_fn, qat=self.global_config.is_qat)
@@ -160,6 +172,45 @@ def build_quantizer(config, *, fp32_layers: tuple[str, ...] = (), embeddings: bo
         patterns, nodes = tuple(fp32_layers), frozenset(fp32_nodes)
         quantizer.set_filter_function(lambda node: node.name not in nodes and not in_layers(node, patterns))
     return quantizer
+
+
+def output_layers(gm: torch.fx.GraphModule) -> frozenset[str]:
+    """Names of the conv/linear nodes whose results reach a graph output through ops of one float
+    tensor input each (activations, reshapes, a softmax): the layers that compute the model's outputs."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    stack = [a for a in torch.utils._pytree.tree_leaves(out.args) if isinstance(a, Node)]
+    found, seen = set(), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        if node.target in CONV_TARGETS + LINEAR_TARGETS:
+            found.add(node.name)
+            continue
+        tensors = [a for a in node.all_input_nodes if a.op != "get_attr" and _is_float(a)]
+        if len(tensors) == 1:
+            stack.append(tensors[0])
+    return frozenset(found)
+
+
+def annotate_dynamic(gm: torch.fx.GraphModule, static_config, filter_fn) -> None:
+    """Annotate the conv/linear nodes ``filter_fn`` accepts as XNNPACK's dynamic patterns: the
+    weights as in ``static_config`` (per-channel or not, its weight range), the input quantized per
+    tensor at run time, no output spec (a float result)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
+
+    dynamic = get_dynamic_config(static_config)
+    for pattern in ("linear", "conv"):
+        OP_TO_ANNOTATOR[pattern](gm, dynamic, filter_fn)
+
+
+def get_dynamic_config(static_config):
+    """``static_config`` with XNNPACK's dynamic int8 activation spec in place of its static ones."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    act = get_symmetric_quantization_config(is_dynamic=True).input_activation
+    return dataclasses.replace(static_config, input_activation=act, output_activation=None)
 
 
 def annotate_embeddings(gm: torch.fx.GraphModule, filter_fn=None, *, bits: int = 8) -> int:
