@@ -178,7 +178,7 @@ def output_layers(gm: torch.fx.GraphModule) -> frozenset[str]:
     """Names of the conv/linear nodes whose results reach a graph output through ops of one float
     tensor input each (activations, reshapes, a softmax): the layers that compute the model's outputs."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    stack = [a for a in torch.utils._pytree.tree_leaves(out.args) if isinstance(a, Node)]
+    stack = list(out.all_input_nodes)
     found, seen = set(), set()
     while stack:
         node = stack.pop()
