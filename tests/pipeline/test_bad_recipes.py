@@ -107,7 +107,7 @@ CASES = [
     ("keep-best-string", stages("train: {keep_best: sure}"), ["stages[0].train.keep_best: expected true or false, got 'sure'"]),
     ("distill-temperature-zero", stages("train: {distill: {temperature: 0}}"), ["stages[0].train.distill.temperature: 0.0 must be > 0"]),
     ("distill-alpha-above-one", stages("train: {distill: {alpha: 1.5}}"), ["stages[0].train.distill.alpha: 1.5 is outside [0, 1]"]),
-    ("distill-number", stages("train: {distill: 0.5}"), ["stages[0].train.distill: expected a mapping of temperature, alpha, got 0.5"]),
+    ("distill-number", stages("train: {distill: 0.5}"), ["stages[0].train.distill: expected a mapping of temperature, alpha, loss, got 0.5"]),
     ("train-unknown-key", stages("train: {learning_rate: 0.1}"), ["stages[0].train.learning_rate: unknown key; allowed keys: epochs, lr"]),
     ("train-seed-negative", stages("train: {seed: -4}"), ["stages[0].train.seed: -4 is outside [0, 2^63)"]),
     ("finetune-lr-negative", stages("train: {}", "finetune: {lr: -1}"), ["stages[1].finetune.lr: -1.0 must be > 0"]),

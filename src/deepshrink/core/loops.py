@@ -28,14 +28,23 @@ from deepshrink.core.errors import ConfigError
 
 @dataclass(frozen=True)
 class Distillation:
-    """Knowledge distillation from a teacher (the dense model): Hinton et al. 2015."""
+    """Knowledge distillation from a teacher (the dense model): Hinton et al. 2015.
+
+    ``loss``: how the student's first output is compared with the teacher's. ``kl``: KL divergence
+    of the softened scores (``temperature``; for classifiers). ``mse``: the squared error relative
+    to the teacher's energy, ``sum((s - t)^2) / sum(t^2)`` per batch, i.e. 10^(-SQNR/10), for what
+    is not a score: embeddings, hidden states, box regressions. ``auto`` (the default): ``kl`` when
+    the teacher's output is rows of class scores (``core.outputs.output_kind``), else ``mse``.
+    """
 
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the soft-target loss; 1 - alpha weighs the label loss
+    loss: Literal["auto", "kl", "mse"] = "auto"
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", f"{self.temperature} must be > 0")
         check(0.0 <= self.alpha <= 1.0, "alpha", f"{self.alpha} is outside [0, 1]")
+        check(self.loss in ("auto", "kl", "mse"), "loss", f"{self.loss!r} is not one of auto, kl, mse")
 
 
 @dataclass(frozen=True)

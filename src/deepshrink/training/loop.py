@@ -23,7 +23,7 @@ from deepshrink.core.progress import progress as progress_bar
 from deepshrink.core.outputs import output_kind, primary
 from deepshrink.data.splits import NO_LABEL, DataSplits
 from deepshrink.training import distributed
-from deepshrink.core.loops import History, TrainConfig
+from deepshrink.core.loops import Distillation, History, TrainConfig
 
 
 @torch.no_grad()
@@ -107,13 +107,23 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | 
                           "(a teacher, e.g. finetune: {distill: {}} in a recipe)")
     if teacher_logits is None or config.distill is None and not unlabelled:
         return F.cross_entropy(logits.flatten(0, -2), y.flatten())
-    t = config.distill.temperature if config.distill is not None else 1.0
-    soft = F.kl_div(F.log_softmax(logits / t, -1).flatten(0, -2), F.log_softmax(teacher_logits / t, -1).flatten(0, -2),
-                    log_target=True, reduction="batchmean") * t * t
+    soft = distillation_loss(logits, teacher_logits, config.distill)
     if unlabelled:
         return soft
     alpha = config.distill.alpha
     return alpha * soft + (1 - alpha) * F.cross_entropy(logits.flatten(0, -2), y.flatten())
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, distill: Distillation | None) -> torch.Tensor:
+    """The soft-target term of ``distill`` (``Distillation.loss``; None: KL at temperature 1)."""
+    kind = "kl" if distill is None else distill.loss
+    if kind == "auto":
+        kind = "kl" if output_kind(teacher) == "classification" else "mse"
+    if kind == "mse":
+        return (student.float() - teacher.float()).pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)
+    t = distill.temperature if distill is not None else 1.0
+    return F.kl_div(F.log_softmax(student / t, -1).flatten(0, -2), F.log_softmax(teacher / t, -1).flatten(0, -2),
+                    log_target=True, reduction="batchmean") * t * t
 
 
 def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
