@@ -37,3 +37,32 @@ def test_int8_files_are_a_quarter_of_fp32_and_the_graph_keeps_no_float_copies(tm
             assert int8.parity_passed
             # 1 byte per weight (+ scales, biases, graph) against 4: at most 0.27x
             assert int8.file_bytes <= 0.27 * fp32.file_bytes, (type(config).__name__, suffix, int8.file_bytes, fp32.file_bytes)
+
+
+def test_onnx_names_are_short_and_the_outputs_exactly_those_of_the_exporters_names(tmp_path, monkeypatch):
+    import numpy as np
+    import onnxruntime as ort
+
+    from deepshrink.deploy import lowering
+
+    model = _mlp()
+    samples = [torch.randn(256) for _ in range(32)]
+    quantized = ds.quantize(model, ds.Int8Static(), data=ds.data.from_samples(calib=samples, eval=samples), target="onnxruntime")
+    x = torch.stack(samples[:4])
+    compact = export(quantized, tmp_path / "compact.onnx", example_input=x)
+    monkeypatch.setattr(lowering, "compact_names", lambda model: None)
+    named = export(quantized, tmp_path / "named.onnx", example_input=x)
+    proto, reference = onnx.load(tmp_path / "compact.onnx"), onnx.load(tmp_path / "named.onnx")
+    # the public signature keeps its names; nodes carry none; every inner value a short identifier
+    assert [i.name for i in proto.graph.input] == [i.name for i in reference.graph.input]
+    assert [o.name for o in proto.graph.output] == [o.name for o in reference.graph.output]
+    assert all(not n.name for n in proto.graph.node)
+    public = {v.name for v in (*proto.graph.input, *proto.graph.output)}
+    inner = {n for node in proto.graph.node for n in (*node.input, *node.output) if n and n not in public}
+    assert inner and all(len(n) <= 3 and n[0].isalpha() for n in inner)
+    assert len(proto.graph.value_info) == len(reference.graph.value_info)   # ONNX Runtime fuses on those shapes
+    assert compact.file_bytes < named.file_bytes
+    sessions = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]) for f in ("compact.onnx", "named.onnx")]
+    feed = {sessions[0].get_inputs()[0].name: x.numpy()}
+    a, b = (s.run(None, feed)[0] for s in sessions)
+    assert np.array_equal(a, b)
