@@ -53,12 +53,14 @@ def test_onnx_names_are_short_and_the_outputs_exactly_those_of_the_exporters_nam
     monkeypatch.setattr(lowering, "compact_names", lambda model: None)
     named = export(quantized, tmp_path / "named.onnx", example_input=x)
     proto, reference = onnx.load(tmp_path / "compact.onnx"), onnx.load(tmp_path / "named.onnx")
-    # the public signature keeps its names; nodes carry none; every inner value a short identifier
+    # the public signature keeps its names; every node and inner value a short identifier
     assert [i.name for i in proto.graph.input] == [i.name for i in reference.graph.input]
     assert [o.name for o in proto.graph.output] == [o.name for o in reference.graph.output]
-    assert all(not n.name for n in proto.graph.node)
+    names = [n.name for n in proto.graph.node]
+    assert len(set(names)) == len(names) and all(len(n) <= 3 for n in names)   # unique: tools key nodes by name
     public = {v.name for v in (*proto.graph.input, *proto.graph.output)}
-    inner = {n for node in proto.graph.node for n in (*node.input, *node.output) if n and n not in public}
+    weights = {t.name for t in proto.graph.initializer}   # keep the exporter's names (see compact_names)
+    inner = {n for node in proto.graph.node for n in (*node.input, *node.output) if n and n not in public | weights}
     assert inner and all(len(n) <= 3 and n[0].isalpha() for n in inner)
     assert len(proto.graph.value_info) == len(reference.graph.value_info)   # ONNX Runtime fuses on those shapes
     assert compact.file_bytes < named.file_bytes
@@ -66,3 +68,46 @@ def test_onnx_names_are_short_and_the_outputs_exactly_those_of_the_exporters_nam
     feed = {sessions[0].get_inputs()[0].name: x.numpy()}
     a, b = (s.run(None, feed)[0] for s in sessions)
     assert np.array_equal(a, b)
+
+
+class _Encoder(nn.Module):
+    """Token ids -> hidden states: embeddings, one attention block, LayerNorm (a BERT in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(100, 32), nn.Embedding(16, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layer(self.emb(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))))
+
+
+def test_onnx_runtimes_own_quantizer_rewrites_our_fp32_file_into_one_it_loads(tmp_path):
+    """Users hand our fp32 .onnx to other tools; ONNX Runtime's quantize_static keys nodes and
+    initializers by name (on the tiny BERT example it failed with them renamed: compact_names)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    torch.manual_seed(0)
+    model, ids = _Encoder().eval(), torch.randint(0, 100, (8, 12))
+    export(model, tmp_path / "fp32.onnx", example_input=ids)
+    name = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: ids[i:i + 1].numpy()} for i in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(tmp_path / "fp32.onnx"), str(tmp_path / "ort.onnx"), Reader())
+    session = ort.InferenceSession(str(tmp_path / "ort.onnx"), providers=["CPUExecutionProvider"])
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "ort.onnx").graph.node) >= 4
+    out = session.run(None, {name: ids[:1].numpy()})[0]
+    with torch.no_grad():
+        reference = model(ids[:1]).numpy()
+    assert out.shape == reference.shape
+    # int8 of a LayerNorm'd output: close to fp32, far from garbage
+    assert np.abs(out - reference).mean() < 0.25 * np.abs(reference).mean()

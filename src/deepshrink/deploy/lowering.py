@@ -109,20 +109,23 @@ def strip_debug_metadata(model) -> None:
 
 
 def compact_names(model) -> None:
-    """Spend the file's bytes on weights, not on names. Every value inside the graph (intermediate
-    results and initializers; not the graph's inputs and outputs, which callers feed and read by
-    name) gets a short name, and nodes lose theirs (except ``MatMulNBits`` nodes, whose name
-    ``onnx_kernels`` reads back). The exporter's names are FX paths, written once per producer and
-    once per reader: a tenth of a small int8 file (the tiny BERT example's ``.onnx``: 193,883 B ->
-    173,043 B, the same outputs). The ``value_info`` types and shapes stay: without them ONNX
-    Runtime fuses less (no ``SkipLayerNormalization`` in that BERT) and its outputs differ."""
+    """Spend the file's bytes on weights, not on names. Every intermediate value (not the graph's
+    inputs and outputs, which callers feed and read by name) and every node gets a short unique
+    name (except ``MatMulNBits`` nodes, whose name ``onnx_kernels`` reads back). The exporter's names
+    are FX paths, written once per producer and once per reader (the tiny BERT example's int8
+    ``.onnx``: 193,883 B -> BERT_BYTES, the same outputs; ``bench/results/examples.md``).
+    What stays, because other tools need it: the ``value_info`` types and shapes (without them
+    ONNX Runtime fuses less, no ``SkipLayerNormalization`` in that BERT, and its outputs differ);
+    node names and the initializers' names (ONNX Runtime's ``quantize_static`` of our fp32 BERT
+    wrote an invalid model from nameless nodes, and refused the file with short initializer names)."""
     from deepshrink.deploy.onnx_lowbit import NODE_SUFFIX
 
     public = [*model.graph.inputs, *model.graph.outputs]
-    taken, fixed = {v.name for v in public}, {id(v) for v in public}
+    fixed = {id(v) for v in public}
+    taken = {v.name for v in public} | {name for graph in (model.graph, *model.graph.subgraphs()) for name in graph.initializers}
     names = (name for name in map(_short_name, itertools.count()) if name not in taken)
     for graph in (model.graph, *model.graph.subgraphs()):
-        inner = [*graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+        inner = [out for node in graph for out in node.outputs if not out.is_initializer()]
         if graph is not model.graph:
             inner += list(graph.inputs)
         for value in inner:
@@ -130,7 +133,7 @@ def compact_names(model) -> None:
                 value.name = next(names)
         for node in graph:
             if not (node.name or "").endswith(NODE_SUFFIX):
-                node.name = None
+                node.name = next(names)   # unique: tools that edit the file (ONNX Runtime's quantize_static) key nodes by name
 
 
 def _short_name(n: int) -> str:
