@@ -113,7 +113,7 @@ def compact_names(model) -> None:
     inputs and outputs, which callers feed and read by name) and every node gets a short unique
     name (except ``MatMulNBits`` nodes, whose name ``onnx_kernels`` reads back). The exporter's names
     are FX paths, written once per producer and once per reader (the tiny BERT example's int8
-    ``.onnx``: 193,883 B -> BERT_BYTES, the same outputs; ``bench/results/examples.md``).
+    ``.onnx``: 193,883 B -> 180,737 B at the same SQNR, 35.12 dB; ``bench/results/examples.md``).
     What stays, because other tools need it: the ``value_info`` types and shapes (without them
     ONNX Runtime fuses less, no ``SkipLayerNormalization`` in that BERT, and its outputs differ);
     node names and the initializers' names (ONNX Runtime's ``quantize_static`` of our fp32 BERT
