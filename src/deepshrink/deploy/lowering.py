@@ -138,12 +138,11 @@ def compact_names(model) -> None:
 
 def _short_name(n: int) -> str:
     """The ``n``-th short identifier: a letter, then base 36 (``a``..``z``, ``a1``..``z1``, ``a2``...)."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    name, n = letters[n % 26], n // 26
+    name, n = string.ascii_lowercase[n % 26], n // 26
     digits = ""
     while n:
         n, r = divmod(n, 36)
-        digits = (string.digits + letters)[r] + digits
+        digits = (string.digits + string.ascii_lowercase)[r] + digits
     return name + digits
 
 
