@@ -29,19 +29,27 @@ def to_pte(program: torch.export.ExportedProgram, path: Path) -> dict:
     prelu_to_4d(program)   # XNNPACK 1.5.1 rejects PReLU on [batch, features]; exact rewrite
     quantized_embeddings(program)   # int8 tables looked up row by row
     try:
-        if has_scan(program):   # a recurrent cell's time loop (deploy.recurrent): its step lowered too
-            constants = program_constants(program)
-            edge = to_edge_transform_and_lower(program, transform_passes=[constants_into_bodies(constants)],
-                                               partitioner=[scan_partitioner(XnnpackPartitioner, constants)])
-            drop_unused_constants(edge.exported_program())
-        else:
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        manager = edge.to_executorch()
+        # under no_grad: with grad on, the scan of a recurrent cell is traced again into a joint
+        # forward/backward graph at every pass (torch's scan autograd), most of a recurrent export's time
+        with torch.no_grad():
+            manager = _lowered(program, XnnpackPartitioner, to_edge_transform_and_lower)
     except Exception as err:  # lowering raises many types; one line names the cause
         raise ExportError(f"ExecuTorch lowering failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     with atomic_path(path) as tmp:
         tmp.write_bytes(manager.buffer)
     return delegation(manager.exported_program().graph_module)
+
+
+def _lowered(program, partitioner_type, to_edge_transform_and_lower):
+    """The ExecuTorch program manager of ``program``, XNNPACK-delegated."""
+    if has_scan(program):   # a recurrent cell's time loop (deploy.recurrent): its step lowered too
+        constants = program_constants(program)
+        edge = to_edge_transform_and_lower(program, transform_passes=[constants_into_bodies(constants)],
+                                           partitioner=[scan_partitioner(partitioner_type, constants)])
+        drop_unused_constants(edge.exported_program())
+    else:
+        edge = to_edge_transform_and_lower(program, partitioner=[partitioner_type()])
+    return edge.to_executorch()
 
 
 _BOOKKEEPING = {"getitem", "alloc", "view", "sym_size.int", "scan"}   # the runtime's own memory, shape and loop plumbing
