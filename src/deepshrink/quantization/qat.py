@@ -49,9 +49,10 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
     allow_train_eval(prepared)
     train, teacher = config.train, None
     if not data.labelled:
-        # raw inputs only: distil from the float model (its outputs are the targets)
+        # raw inputs only: distil from the float model (its outputs are the targets), by the
+        # user's Distillation where one is given (its loss: kl, mse, auto), else auto at temperature 1
         teacher = model
-        train = dataclasses.replace(train, distill=Distillation(temperature=1.0, alpha=1.0))
+        train = dataclasses.replace(train, distill=train.distill or Distillation(temperature=1.0, alpha=1.0))
     history = run_training(train_fn, prepared, data, train, who="Int8QAT", teacher=teacher)
     prepared.eval()
     object.__setattr__(prepared, "_deepshrink_quant", {
