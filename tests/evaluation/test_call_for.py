@@ -47,6 +47,16 @@ def test_time_calls_interleaves_and_counts():
     assert [len(t) for t in times] == [3, 3] and all(v >= 0 for t in times for v in t)
 
 
+def test_time_calls_in_rounds_of_a_block_counts_every_call_once():
+    order = []
+    times = time_calls([lambda: order.append("a"), lambda: order.append("b")], runs=5, warmup=1, block=2)
+    # one warm-up each, then rounds of 2 a and 2 b; the last round holds what is left (1 each)
+    assert "".join(order) == "ab" + "aabb" + "aabb" + "ab"
+    assert [len(t) for t in times] == [5, 5]
+    with pytest.raises(ValueError, match="block must be at least 1"):
+        time_calls([lambda: None], runs=1, warmup=0, block=0)
+
+
 def test_torch_threads_restores():
     before = torch.get_num_threads()
     with torch_threads(1):

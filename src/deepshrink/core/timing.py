@@ -1,7 +1,8 @@
 """Wall-clock timing of repeated calls: the one loop every latency number comes from.
 
-Several calls are timed interleaved (A B C A B C ...), which spreads machine noise evenly over
-them, so their ratios hold even when absolute times drift (see ../shared/BENCHMARKS.md).
+Several calls are timed interleaved (A B C A B C ..., or in rounds of a block of calls each), which
+spreads machine noise evenly over them, so their ratios hold even when absolute times drift (see
+../shared/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -12,19 +13,24 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 
-def time_calls(calls: Sequence[Callable[[], object]], *, runs: int, warmup: int) -> list[list[float]]:
-    """Per call, ``runs`` wall times in milliseconds, the calls interleaved, after ``warmup``
-    untimed calls of each."""
+def time_calls(calls: Sequence[Callable[[], object]], *, runs: int, warmup: int, block: int = 1) -> list[list[float]]:
+    """Per call, ``runs`` wall times in milliseconds, after ``warmup`` untimed calls of each, the
+    calls interleaved in rounds of ``block`` calls each: ``block=1`` is A B C A B C (every call
+    finds the caches as the other files left them), ``block=100`` is 100 A, 100 B, 100 C, then
+    again (a model called in a loop, as a camera or audio stream calls it: its steady state)."""
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
     for call in calls:
         for _ in range(warmup):
             call()
     times: list[list[float]] = [[] for _ in calls]
     clock = time.perf_counter
-    for _ in range(runs):
+    for start_of_round in range(0, runs, block):
         for i, call in enumerate(calls):
-            start = clock()
-            call()
-            times[i].append((clock() - start) * 1e3)
+            for _ in range(min(block, runs - start_of_round)):
+                start = clock()
+                call()
+                times[i].append((clock() - start) * 1e3)
     return times
 
 

@@ -7,10 +7,11 @@ from deepshrink.evaluation.metrics import interleaved_latency
 
 def evaluate_many(
     artifacts: dict[str, object], test, *, threads: int = 1, latency_runs: int = 200, warmup: int = 20,
-    reference: object | None = None, fidelity: str | None = None, metric=None,
+    reference: object | None = None, fidelity: str | None = None, metric=None, latency_block: int = 1,
 ) -> dict[str, "Metrics"]:
-    """``evaluate`` for several artifacts, with their latencies measured interleaved in one run and
-    their fidelity to ``reference`` (the fp32 model) computed from one pass of the reference."""
+    """``evaluate`` for several artifacts, with their latencies measured interleaved in one run (in
+    rounds of ``latency_block`` calls of each: ``core.timing.time_calls``) and their fidelity to
+    ``reference`` (the fp32 model) computed from one pass of the reference."""
     from deepshrink.core import samples as S
     from deepshrink.evaluation.metrics import Metrics, describe, eval_batches, run_outputs
     from deepshrink.evaluation.runners import open_runner
@@ -24,5 +25,5 @@ def evaluate_many(
     x1 = S.stack([test[0][0]])
     with torch_threads(threads):
         calls = [r.call_for(x1) if latency_runs else None for r in runners.values()]
-        latencies = interleaved_latency(calls, runs=latency_runs, warmup=warmup)
+        latencies = interleaved_latency(calls, runs=latency_runs, warmup=warmup, block=latency_block)
     return {label: Metrics(**infos[label], **lat) for label, lat in zip(runners, latencies)}

@@ -57,13 +57,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def interleaved_latency(calls: Sequence[Callable[[], object]], *, runs: int, warmup: int) -> list[dict]:
-    """Per call (``Runner.call_for``): median and p90 in ms of ``runs`` calls, timed interleaved."""
+def interleaved_latency(calls: Sequence[Callable[[], object]], *, runs: int, warmup: int, block: int = 1) -> list[dict]:
+    """Per call (``Runner.call_for``): median and p90 in ms of ``runs`` calls, timed interleaved in
+    rounds of ``block`` calls (``core.timing.time_calls``)."""
     if runs <= 0:
         return [{"latency_ms_median": None, "latency_ms_p90": None, "latency_runs": 0} for _ in calls]
     return [
         {"latency_ms_median": statistics.median(t), "latency_ms_p90": percentile(t, 0.9), "latency_runs": len(t)}
-        for t in time_calls(calls, runs=runs, warmup=warmup)
+        for t in time_calls(calls, runs=runs, warmup=warmup, block=block)
     ]
 
 
