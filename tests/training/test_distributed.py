@@ -200,6 +200,9 @@ def test_blame_names_the_cause_not_the_survivors():
     assert distributed.blame({0: _failure(-15), 1: own}) == (1, "DataError: data/mnist is missing")
     assert distributed.blame({0: _failure(1, "ValueError: b", timestamp=101), 1: _failure(1, "ValueError: a")})[0] == 1
     assert distributed.blame({0: _failure(2)}) == (0, "exited with code 2")
+    # the same input error on every rank: the lowest rank, though another wrote its error a second earlier
+    same = "DataError: mnist: IDX files not found"
+    assert distributed.blame({0: _failure(1, same, timestamp=101), 1: _failure(1, same, timestamp=100)}) == (0, same)
 
 
 def _recipe(stages: list) -> dict:

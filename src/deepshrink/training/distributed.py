@@ -285,7 +285,8 @@ def launch(args: Sequence[str], *, nproc_per_node: int, nnodes: int = 1, node_ra
 def blame(failures: dict) -> tuple[int, str]:
     """The process whose failure came first in cause, not only in time: its own error, then a signal
     from outside, then an exit code, and last what failed because a peer was gone (the agent's
-    SIGTERM to the survivors, a collective that lost its connection)."""
+    SIGTERM to the survivors, a collective that lost its connection). Ranks that failed with the same
+    message (one input error seen by every rank) name the lowest of them, whichever wrote first."""
     def describe(failure) -> tuple[int, str]:
         data = failure.error_file_data.get("message") if isinstance(failure.error_file_data, dict) else None
         if isinstance(data, dict) and data.get("message"):
@@ -301,7 +302,7 @@ def blame(failures: dict) -> tuple[int, str]:
         priority, message = describe(failure)
         order.append((priority, failure.timestamp, rank, message))
     _, _, rank, message = min(order)
-    return rank, message
+    return min(r for _, _, r, m in order if m == message), message
 
 
 def _extra_info(failure) -> dict:
