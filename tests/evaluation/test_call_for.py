@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deepshrink.core.timing import time_calls, torch_threads
+from deepshrink.core.timing import steady_block, time_calls, torch_threads
 from deepshrink.deploy import export
 from deepshrink.evaluation.runners import open_runner
 from deepshrink.models import create
@@ -55,6 +55,13 @@ def test_time_calls_in_rounds_of_a_block_counts_every_call_once():
     assert [len(t) for t in times] == [5, 5]
     with pytest.raises(ValueError, match="block must be at least 1"):
         time_calls([lambda: None], runs=1, warmup=0, block=0)
+
+
+def test_comparisons_time_each_file_in_ten_rounds():
+    assert [steady_block(r) for r in (200, 30, 9, 0)] == [20, 3, 1, 1]
+    order = []
+    time_calls([lambda: order.append("a"), lambda: order.append("b")], runs=30, warmup=0, block=steady_block(30))
+    assert "".join(order) == "aaabbb" * 10
 
 
 def test_torch_threads_restores():

@@ -13,6 +13,15 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 
+ROUNDS = 10   # a comparison's rounds: enough to spread drift over every file, each round long enough to warm it
+
+
+def steady_block(runs: int) -> int:
+    """The block of ``time_calls`` that times ``runs`` calls of each file in ``ROUNDS`` rounds:
+    each file's steady state (what ``deepshrink evaluate`` of one file measures), still interleaved."""
+    return max(1, runs // ROUNDS)
+
+
 def time_calls(calls: Sequence[Callable[[], object]], *, runs: int, warmup: int, block: int = 1) -> list[list[float]]:
     """Per call, ``runs`` wall times in milliseconds, after ``warmup`` untimed calls of each, the
     calls interleaved in rounds of ``block`` calls each: ``block=1`` is A B C A B C (every call

@@ -12,7 +12,8 @@ ONNX Runtime), on this CPU, at batch 1:
    slower in int8 here, transitions included;
 3. the int8 file with all the layers of step 2 left in fp32.
 
-All files are timed interleaved in one run (``core.timing``). The objective then picks:
+All files are timed interleaved in one run, in ten rounds of a block of calls of each (each
+file's steady state: ``core.timing.steady_block``). The objective then picks:
 
 - ``latency``: the fastest file — the fp32 model itself when no int8 file beats it, so the
   result is never slower than fp32 in that runtime;
@@ -36,7 +37,7 @@ from deepshrink.core import samples as S
 from deepshrink.core.errors import ConfigError
 from deepshrink.core.selection import matches, weighted_layers
 from deepshrink.core.targets import TargetProfile
-from deepshrink.core.timing import time_calls
+from deepshrink.core.timing import steady_block, time_calls
 from deepshrink.deploy.api import export
 from deepshrink.evaluation.runners import open_runner
 from deepshrink.quantization import Int8Dynamic, Int8Static
@@ -124,6 +125,7 @@ def pick(objective: str, sizes: dict[str, int], medians: dict[str, float | None]
 
 
 def _medians(files: dict[str, Path], x1, runs: int, warmup: int) -> dict[str, float]:
-    """Median ms per file, all timed interleaved in one run."""
-    times = time_calls([open_runner(path).call_for(x1) for path in files.values()], runs=runs, warmup=warmup)
+    """Median ms per file, all timed interleaved in one run, in rounds (``steady_block``)."""
+    times = time_calls([open_runner(path).call_for(x1) for path in files.values()], runs=runs, warmup=warmup,
+                       block=steady_block(runs))
     return {label: statistics.median(t) for label, t in zip(files, times)}

@@ -124,7 +124,8 @@ class ExportStage:
 
 @dataclass(frozen=True)
 class EvaluateStage:
-    """Measure every variant. Latency: batch 1, ``threads`` fixed, runs interleaved across variants.
+    """Measure every variant. Latency: batch 1, ``threads`` fixed, runs interleaved across variants
+    in ten rounds of ``latency_runs / 10`` calls of each (``core.timing.steady_block``).
     Every variant's fidelity to the fp32 model is measured in its runtime; ``fidelity`` overrides
     the figure chosen by the output kind (``classification`` | ``embedding`` | ``tensor``)."""
 
