@@ -10,6 +10,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DEEPSHRINK_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: one worker per core) every worker computes on one thread,
+    and so do the processes the tests start: two workers of two threads each on two cores mostly
+    wait for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
