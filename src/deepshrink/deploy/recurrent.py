@@ -81,15 +81,25 @@ def _projected(seq, w, biases):
     return out.reshape(steps, batch, -1)
 
 
+def _tracing(x) -> bool:
+    """Whether ``x`` flows through a trace (``torch.export``, ``torch.compile``, ``make_fx``,
+    ``fx.symbolic_trace``) rather than an eager call."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling() or get_proxy_mode() is not None
+
+
 def _over_time(step, init, xs, reverse: bool):
     """``step(carry, x_t) -> (carry, y_t)`` over dim 0 of ``xs`` ``[T, B, ...]``: ``(carry, ys)``.
 
-    With a static batch, ``torch.scan`` (one step in the graph; ``T`` may be dynamic). With a dynamic
-    batch, the loop written out frame by frame: ``torch.scan``'s own tracing fails on a carry of
-    symbolic size when ExecuTorch decomposes it (torch 2.13: "'SymInt' object has no attribute
-    'unsqueeze'"), so there each frame is ~15 nodes of the file and ``T`` must be static."""
+    Traced with a static batch, ``torch.scan`` (one step in the graph; ``T`` may be dynamic). With a
+    dynamic batch, the loop written out frame by frame: ``torch.scan``'s own tracing fails on a carry
+    of symbolic size when ExecuTorch decomposes it (torch 2.13: "'SymInt' object has no attribute
+    'unsqueeze'"), so there each frame is ~15 nodes of the file and ``T`` must be static. Run eagerly
+    (calibration, QAT, parity references), the same loop: ``torch.scan`` called eagerly compiles its
+    step each call (4 s the first, 0.5 s each next for a 3-layer LSTM over 9 frames, torch 2.13)."""
     steps, batch = xs.shape[0], xs.shape[1]
-    if isinstance(batch, int):
+    if isinstance(batch, int) and _tracing(xs):
         from torch._higher_order_ops.scan import scan
 
         def copied(carry, x):   # a scan's outputs may not alias its carry; the lowering drops the copy
