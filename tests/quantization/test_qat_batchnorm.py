@@ -27,3 +27,30 @@ def test_batchnorm_qat_exports_and_matches_the_fake_quantized_model(mobile, mobi
     # kernel has it folded into the weights: at most two output codes apart, and rarely
     assert float(steps.max()) <= 2.001 and float(steps.mean()) <= 0.15 and agreement >= 0.99
     torch.testing.assert_close(mobile(x[:4]), make_mobile()(x[:4]), rtol=0, atol=0)   # the float model is untouched
+
+
+def test_a_conv1d_batchnorm_pair_folds_too(tmp_path):
+    """Frames through Conv1d-BN1d (a speech front end): folded like Conv2d-BN2d, and no batch count is left
+    counting in the graph (torchao drops it for BatchNorm2d only)."""
+    from torch import nn
+
+    from .conftest import labelled_by
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.2, 5)
+    data = labelled_by(model, n=128, shape=(4, 12))
+    fake_quant = train_qat(model, Int8QAT(train=TrainConfig(epochs=1, lr=1e-3, batch_size=32)), data,
+                           get_target("xnnpack"), train_fn=fit)
+    converted = finalize_qat(fake_quant)
+    assert not [n for n in converted.graph.nodes if "batch_norm" in str(n.target) or "add_" in str(n.target)]
+    assert any("conv1d" in str(n.target) for n in converted.graph.nodes)
+    x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    with torch.no_grad():
+        folded, simulated = converted(x), fake_quant(x)
+    # the folded int8 weights against batch norm applied in float to the fake-quantized conv: codes apart, rarely
+    assert float((folded.argmax(1) == simulated.argmax(1)).float().mean()) >= 0.95
+    assert float((folded - simulated).abs().max()) < 0.25 * float(simulated.abs().max())

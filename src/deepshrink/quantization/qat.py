@@ -7,11 +7,13 @@ validation inside the loop (``deepshrink.training.fit``'s, or yours) does not mo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepshrink.core.graph import capture, drop_unused_weights
@@ -69,10 +71,60 @@ def finalize_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     prepared.eval()
     details = dict(getattr(prepared, "_deepshrink_quant", {}))
     details["activation_ranges"] = activation_ranges_of(prepared)
-    converted = convert_pt2e(copy.deepcopy(prepared))
+    with _conv_bn_fold_for_kinds_present(prepared):
+        converted = convert_pt2e(copy.deepcopy(prepared))
+    _drop_batch_counts(converted)
     drop_unused_weights(converted)   # the float originals of the folded int8 weights
     object.__setattr__(converted, "_deepshrink_quant", details)
     return converted
+
+
+@contextlib.contextmanager
+def _conv_bn_fold_for_kinds_present(graph: torch.fx.GraphModule):
+    """``convert_pt2e``'s QAT conv-bn fold, tried only for the conv kinds ``graph`` holds.
+
+    torchao 0.18's fold traces a match and a replacement pattern for each of 4 conv kinds
+    (conv1d/2d, conv_transpose1d/2d) x 12 variants — 96 small exports, 25 s on a 2-conv net of the
+    tests on these CPUs — whatever the graph holds; a kind absent from the graph cannot match, so
+    its patterns are skipped here and nothing else changes (torchao's own pass, in its own order).
+    """
+    try:
+        from torchao.quantization.pt2e import qat_utils
+        full = qat_utils._fold_conv_bn_qat_helper
+    except (ImportError, AttributeError):   # another torchao: its fold as it is
+        yield
+        return
+    present = {getattr(F, n.target.overloadpacket.__name__) for n in graph.graph.nodes
+               if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target.overloadpacket.__name__ in _CONV_KINDS}
+    if not present:
+        yield
+        return
+
+    def helper(m, conv_fn, example_inputs, is_cuda):
+        return full(m, conv_fn, example_inputs, is_cuda) if conv_fn in present else m
+
+    qat_utils._fold_conv_bn_qat_helper = helper
+    try:
+        yield
+    finally:
+        qat_utils._fold_conv_bn_qat_helper = full
+
+
+def _drop_batch_counts(graph: torch.fx.GraphModule) -> None:
+    """Remove batch norm's ``num_batches_tracked += 1`` left in the converted graph: torchao 0.18's fold
+    removes it for ``BatchNorm2d`` alone, and for a ``BatchNorm1d`` the ``.pte`` carried a buffer
+    mutated at every call."""
+    counts = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.add_.Tensor
+              and not n.users and n.args[0].op == "get_attr" and str(n.args[0].target).endswith("num_batches_tracked")]
+    for node in counts:
+        graph.graph.erase_node(node)
+    if counts:
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+
+
+_CONV_KINDS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")   # the kinds torchao's fold matches
 
 
 def allow_train_eval(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
