@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import threading
 import types
 
 import torch
@@ -104,11 +105,12 @@ def _conv_bn_fold_for_kinds_present(graph: torch.fx.GraphModule):
     def helper(m, conv_fn, example_inputs, is_cuda):
         return full(m, conv_fn, example_inputs, is_cuda) if conv_fn in present else m
 
-    qat_utils._fold_conv_bn_qat_helper = helper
-    try:
-        yield
-    finally:
-        qat_utils._fold_conv_bn_qat_helper = full
+    with _FOLD_LOCK:   # a module global while it lasts: one conversion at a time sees it
+        qat_utils._fold_conv_bn_qat_helper = helper
+        try:
+            yield
+        finally:
+            qat_utils._fold_conv_bn_qat_helper = full
 
 
 def _drop_batch_counts(graph: torch.fx.GraphModule) -> None:
@@ -124,6 +126,7 @@ def _drop_batch_counts(graph: torch.fx.GraphModule) -> None:
         graph.recompile()
 
 
+_FOLD_LOCK = threading.Lock()
 _CONV_KINDS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")   # the kinds torchao's fold matches
 
 
