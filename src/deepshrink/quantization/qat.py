@@ -85,27 +85,26 @@ def _conv_bn_fold_for_kinds_present(graph: torch.fx.GraphModule):
     """``convert_pt2e``'s QAT conv-bn fold, tried only for the conv kinds ``graph`` holds.
 
     torchao 0.18's fold traces a match and a replacement pattern for each of 4 conv kinds
-    (conv1d/2d, conv_transpose1d/2d) x 12 variants — 96 small exports, 25 s on a 2-conv net of the
-    tests on these CPUs — whatever the graph holds; a kind absent from the graph cannot match, so
+    (conv1d/2d, conv_transpose1d/2d) x 12 variants — 96 small exports, 25 s on the tests' 3-conv TinyMobile
+    on these CPUs — whatever the graph holds; a kind absent from the graph cannot match, so
     its patterns are skipped here and nothing else changes (torchao's own pass, in its own order).
     """
     try:
         from torchao.quantization.pt2e import qat_utils
-        full = qat_utils._fold_conv_bn_qat_helper
-    except (ImportError, AttributeError):   # another torchao: its fold as it is
-        yield
-        return
+    except ImportError:
+        qat_utils = None
     present = {getattr(F, n.target.overloadpacket.__name__) for n in graph.graph.nodes
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                and n.target.overloadpacket.__name__ in _CONV_KINDS}
-    if not present:
-        yield
-        return
-
-    def helper(m, conv_fn, example_inputs, is_cuda):
-        return full(m, conv_fn, example_inputs, is_cuda) if conv_fn in present else m
-
     with _FOLD_LOCK:   # a module global while it lasts: one conversion at a time sees it
+        full = getattr(qat_utils, "_fold_conv_bn_qat_helper", None)
+        if full is None or not present:   # another torchao, or no conv: its fold as it is
+            yield
+            return
+
+        def helper(m, conv_fn, example_inputs, is_cuda):
+            return full(m, conv_fn, example_inputs, is_cuda) if conv_fn in present else m
+
         qat_utils._fold_conv_bn_qat_helper = helper
         try:
             yield
