@@ -79,3 +79,36 @@ def test_the_qat_scheme_runs_through_quantize():
     info = q._deepshrink_quant
     assert info["scheme"] == "Int8QAT" and len(info["qat_val_accuracy"]) == 1 and info["qat_val_accuracy"][0] >= 0.9
     assert [r["layer"] for r in activation_ranges(q)] == ["input", "1", "3"]   # input, after the ReLU6, logits
+
+
+def _training_args(graph):
+    return {str(n.target): n.args[-1] if "dropout" in str(n.target) else n.args[5]
+            for n in graph.graph.nodes if "dropout" in str(n.target) or "batch_norm" in str(n.target)}
+
+
+def test_train_and_eval_switch_dropout_and_batch_norm_and_skip_what_is_absent(monkeypatch):
+    from torchao.quantization.pt2e import export_utils
+
+    from deepshrink.quantization.qat import allow_train_eval
+
+    torch.manual_seed(0)
+    both = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3), nn.Linear(144, 3))
+    x = torch.randn(2, 1, 8, 8)
+    graph = allow_train_eval(torch.export.export(both.train(), (x,)).module())
+    graph.eval()
+    assert _training_args(graph) == {"aten.batch_norm.default": False, "aten.dropout.default": False}
+    assert torch.equal(graph(x), graph(x))                           # no dropout, running statistics
+    graph.train()
+    assert _training_args(graph) == {"aten.batch_norm.default": True, "aten.dropout.default": True}
+    assert not torch.equal(graph(x), graph(x))                       # dropout live again
+    # a graph without dropout or batch norm: neither pattern is traced (each trace is a small export)
+    plain = allow_train_eval(torch.export.export(make_depthwise().train(), (x,)).module())
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a pattern rewrite ran on a graph without its op")
+
+    monkeypatch.setattr(export_utils, "_replace_dropout", refused)
+    monkeypatch.setattr(export_utils, "_replace_batchnorm", refused)
+    plain.eval()
+    plain.train()
+    assert _training_args(plain) == {}

@@ -135,10 +135,37 @@ def allow_train_eval(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     )
 
     def train(self, mode: bool = True):
-        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
+        if not _switch_mode(self, mode):
+            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
         self.apply(enable_observer if mode else disable_observer)
         return self
 
     prepared.train = types.MethodType(train, prepared)
     prepared.eval = types.MethodType(lambda self: self.train(False), prepared)
     return prepared
+
+
+def _switch_mode(graph: torch.fx.GraphModule, train: bool) -> bool:
+    """torchao's ``move_exported_model_to_train/eval`` with each rewrite skipped where the graph has
+    nothing it could match; False when this torchao lacks the parts (then call it as it is).
+
+    Each switch traces its dropout and batch-norm patterns anew (six small exports, 1.0-1.3 s a
+    switch on the zoo mobile-cnn, and ``fit`` switches twice an epoch); a graph without dropout (or
+    without batch norm) cannot match those patterns. Dropout and batch norm stay nodes in both modes
+    (only their ``training`` argument changes), so what the graph holds does not change with it."""
+    try:
+        from torchao.quantization.pt2e import export_utils
+        attr = export_utils._EXPORTED_TRAINING_ATTR
+        replace_dropout, replace_batchnorm = export_utils._replace_dropout, export_utils._replace_batchnorm
+    except (ImportError, AttributeError):
+        return False
+    if getattr(graph, attr, not train) == train:
+        return True
+    setattr(graph, attr, train)
+    ops = {n.target.overloadpacket.__name__ for n in graph.graph.nodes
+           if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+    if any("dropout" in op for op in ops):
+        replace_dropout(graph, train_to_eval=not train)
+    if any("batch_norm" in op for op in ops):
+        replace_batchnorm(graph, train_to_eval=not train)
+    return True
