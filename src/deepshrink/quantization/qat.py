@@ -47,8 +47,9 @@ def train_qat(model: nn.Module, config: Int8QAT, data: DataSplits, target: Targe
         # guarding narrows channels after the weights are final, which would move a trained
         # function; QAT trains the 7-bit weights in instead, everywhere (cannot saturate either)
         layout = layout.replace("-guarded", "-reduced")
-    prepared = prepare_qat_pt2e(graph, build_quantizer(quantization_config(per_channel=per_channel, qat=True, int8_layout=layout),
-                                                       fp32_layers=fp32))
+    quantizer = build_quantizer(quantization_config(per_channel=per_channel, qat=True, int8_layout=layout), fp32_layers=fp32)
+    with _conv_bn_rewrites_for_kinds_present(graph):
+        prepared = prepare_qat_pt2e(graph, quantizer)
     allow_train_eval(prepared)
     train, teacher = config.train, None
     if not data.labelled:
@@ -72,7 +73,7 @@ def finalize_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     prepared.eval()
     details = dict(getattr(prepared, "_deepshrink_quant", {}))
     details["activation_ranges"] = activation_ranges_of(prepared)
-    with _conv_bn_fold_for_kinds_present(prepared):
+    with _conv_bn_rewrites_for_kinds_present(prepared):
         converted = convert_pt2e(copy.deepcopy(prepared))
     _drop_batch_counts(converted)
     drop_unused_weights(converted)   # the float originals of the folded int8 weights
@@ -81,13 +82,15 @@ def finalize_qat(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 @contextlib.contextmanager
-def _conv_bn_fold_for_kinds_present(graph: torch.fx.GraphModule):
-    """``convert_pt2e``'s QAT conv-bn fold, tried only for the conv kinds ``graph`` holds.
+def _conv_bn_rewrites_for_kinds_present(graph: torch.fx.GraphModule):
+    """torchao's QAT conv-bn rewrites — the fuse of ``prepare_qat_pt2e``, the fold of
+    ``convert_pt2e`` — tried only for the conv kinds ``graph`` holds.
 
-    torchao 0.18's fold traces a match and a replacement pattern for each of 4 conv kinds
-    (conv1d/2d, conv_transpose1d/2d) x 12 variants — 96 small exports, 25 s on the tests' 3-conv TinyMobile
-    on these CPUs — whatever the graph holds; a kind absent from the graph cannot match, so
-    its patterns are skipped here and nothing else changes (torchao's own pass, in its own order).
+    torchao 0.18 traces its patterns for each of 4 conv kinds (conv1d/2d, conv_transpose1d/2d)
+    whatever the graph holds: the fold a match and a replacement for each of 12 variants a kind (96
+    small exports: 25 s on the tests' 3-conv TinyMobile on these CPUs), the fuse 3 a kind. A kind
+    absent from the graph cannot match, so its patterns are skipped here and nothing else changes
+    (torchao's own passes, in their own order).
     """
     try:
         from torchao.quantization.pt2e import qat_utils
@@ -96,20 +99,24 @@ def _conv_bn_fold_for_kinds_present(graph: torch.fx.GraphModule):
     present = {getattr(F, n.target.overloadpacket.__name__) for n in graph.graph.nodes
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                and n.target.overloadpacket.__name__ in _CONV_KINDS}
-    with _FOLD_LOCK:   # a module global while it lasts: one conversion at a time sees it
-        full = getattr(qat_utils, "_fold_conv_bn_qat_helper", None)
-        if full is None or not present:   # another torchao, or no conv: its fold as it is
+    with _FOLD_LOCK:   # module globals while it lasts: one preparation or conversion at a time sees them
+        full = {name: getattr(qat_utils, name, None) for name in _CONV_BN_HELPERS}
+        if None in full.values() or not present:   # another torchao, or no conv: its passes as they are
             yield
             return
 
-        def helper(m, conv_fn, example_inputs, is_cuda):
-            return full(m, conv_fn, example_inputs, is_cuda) if conv_fn in present else m
+        def only_present(helper):
+            def call(m, conv_fn, example_inputs, is_cuda):
+                return helper(m, conv_fn, example_inputs, is_cuda) if conv_fn in present else m
+            return call
 
-        qat_utils._fold_conv_bn_qat_helper = helper
+        for name, helper in full.items():
+            setattr(qat_utils, name, only_present(helper))
         try:
             yield
         finally:
-            qat_utils._fold_conv_bn_qat_helper = full
+            for name, helper in full.items():
+                setattr(qat_utils, name, helper)
 
 
 def _drop_batch_counts(graph: torch.fx.GraphModule) -> None:
@@ -126,6 +133,7 @@ def _drop_batch_counts(graph: torch.fx.GraphModule) -> None:
 
 
 _FOLD_LOCK = threading.Lock()
+_CONV_BN_HELPERS = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")   # torchao's, per conv kind
 _CONV_KINDS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")   # the kinds torchao's fold matches
 
 
