@@ -54,3 +54,24 @@ def test_a_conv1d_batchnorm_pair_folds_too(tmp_path):
     # the folded int8 weights against batch norm applied in float to the fake-quantized conv: codes apart, rarely
     assert float((folded.argmax(1) == simulated.argmax(1)).float().mean()) >= 0.95
     assert float((folded - simulated).abs().max()) < 0.25 * float(simulated.abs().max())
+
+
+def test_torchaos_conv_bn_rewrites_are_narrowed_only_while_they_run():
+    from torch import nn
+    from torchao.quantization.pt2e import qat_utils
+
+    from deepshrink.quantization.qat import _conv_bn_rewrites_for_kinds_present
+
+    names = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")
+    before = [getattr(qat_utils, n) for n in names]
+    graph = torch.export.export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train(), (torch.randn(2, 1, 5, 5),)).module()
+    try:
+        with _conv_bn_rewrites_for_kinds_present(graph):
+            narrowed = [getattr(qat_utils, n) for n in names]
+            assert all(a is not b for a, b in zip(narrowed, before))
+            dummy = object()
+            assert narrowed[0](dummy, torch.nn.functional.conv1d, (), False) is dummy   # absent kind: untouched
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert [getattr(qat_utils, n) for n in names] == before
