@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["baselines.py", "demo_wall.py", "ort_int8.py", "pruning.py", "structured.py", "quant_int8.py", "quant_lowbit.py", "mobile_int8.py", "deep_compression.py", "lowbit_pte.py", "repairs.py", "shipped.py", "examples.py", "ddp.py", "fuzz_artifacts.py"]
+SCRIPTS = ["baselines.py", "demo_wall.py", "ort_int8.py", "pruning.py", "structured.py", "quant_int8.py", "quant_lowbit.py", "mobile_int8.py", "deep_compression.py", "lowbit_pte.py", "repairs.py", "qat_passes.py", "shipped.py", "examples.py", "ddp.py", "fuzz_artifacts.py"]
 
 
 def main() -> int:
