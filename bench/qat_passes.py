@@ -113,10 +113,8 @@ def measure(name: str) -> list[tuple]:
     for step, what in (("prepare", "prepare_qat_pt2e (conv-bn fuse)"), ("convert", "convert_pt2e (conv-bn fold)"),
                        ("switch", "eval + train switch (dropout, batch norm)")):
         full, narrow = (statistics.median(times[(step, n)]) for n in (False, True))
-        rows.append((name, what, full, narrow, full / narrow,
-                     {"prepare": "same nodes, same outputs" if checks["prepare"] else "DIFFERENT",
-                      "convert": "same nodes, same outputs" if checks["convert"] else "DIFFERENT",
-                      "switch": "—"}[step]))
+        verdict = {True: "same nodes, same outputs", False: "DIFFERENT", None: "—"}[checks.get(step)]
+        rows.append((name, what, full, narrow, full / narrow, verdict))
     return rows
 
 

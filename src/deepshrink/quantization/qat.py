@@ -88,7 +88,7 @@ def _conv_bn_rewrites_for_kinds_present(graph: torch.fx.GraphModule):
 
     torchao 0.18 traces its patterns for each of 4 conv kinds (conv1d/2d, conv_transpose1d/2d)
     whatever the graph holds: the fold a match and a replacement for each of 12 variants a kind (96
-    small exports: 25 s on the tests' 3-conv TinyMobile on these CPUs), the fuse 3 a kind. A kind
+    small exports), the fuse 3 a kind: bench/results/qat_passes.md times both ways. A kind
     absent from the graph cannot match, so its patterns are skipped here and nothing else changes
     (torchao's own passes, in their own order).
     """
@@ -96,10 +96,8 @@ def _conv_bn_rewrites_for_kinds_present(graph: torch.fx.GraphModule):
         from torchao.quantization.pt2e import qat_utils
     except ImportError:
         qat_utils = None
-    present = {getattr(F, n.target.overloadpacket.__name__) for n in graph.graph.nodes
-               if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-               and n.target.overloadpacket.__name__ in _CONV_KINDS}
-    with _FOLD_LOCK:   # module globals while it lasts: one preparation or conversion at a time sees them
+    present = {getattr(F, op) for op in _aten_ops(graph) & set(_CONV_KINDS)}
+    with _REWRITE_LOCK:   # module globals while it lasts: one preparation or conversion at a time sees them
         full = {name: getattr(qat_utils, name, None) for name in _CONV_BN_HELPERS}
         if None in full.values() or not present:   # another torchao, or no conv: its passes as they are
             yield
@@ -132,7 +130,13 @@ def _drop_batch_counts(graph: torch.fx.GraphModule) -> None:
         graph.recompile()
 
 
-_FOLD_LOCK = threading.Lock()
+def _aten_ops(graph: torch.fx.GraphModule) -> set[str]:
+    """The names of the aten ops ``graph`` calls, e.g. ``{"conv2d", "batch_norm", "relu"}``."""
+    return {n.target.overloadpacket.__name__ for n in graph.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+
+
+_REWRITE_LOCK = threading.Lock()
 _CONV_BN_HELPERS = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")   # torchao's, per conv kind
 _CONV_KINDS = ("conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")   # the kinds torchao's fold matches
 
@@ -157,8 +161,8 @@ def _switch_mode(graph: torch.fx.GraphModule, train: bool) -> bool:
     """torchao's ``move_exported_model_to_train/eval`` with each rewrite skipped where the graph has
     nothing it could match; False when this torchao lacks the parts (then call it as it is).
 
-    Each switch traces its dropout and batch-norm patterns anew (six small exports, 1.0-1.3 s a
-    switch on the zoo mobile-cnn, and ``fit`` switches twice an epoch); a graph without dropout (or
+    Each switch traces its dropout and batch-norm patterns anew (six small exports; ``fit`` switches
+    twice an epoch; bench/results/qat_passes.md times both ways); a graph without dropout (or
     without batch norm) cannot match those patterns. Dropout and batch norm stay nodes in both modes
     (only their ``training`` argument changes), so what the graph holds does not change with it."""
     try:
@@ -170,8 +174,7 @@ def _switch_mode(graph: torch.fx.GraphModule, train: bool) -> bool:
     if getattr(graph, attr, not train) == train:
         return True
     setattr(graph, attr, train)
-    ops = {n.target.overloadpacket.__name__ for n in graph.graph.nodes
-           if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+    ops = _aten_ops(graph)
     if any("dropout" in op for op in ops):
         replace_dropout(graph, train_to_eval=not train)
     if any("batch_norm" in op for op in ops):
