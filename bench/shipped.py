@@ -10,7 +10,9 @@ models — LeNet-5 channel-pruned and fine-tuned by distillation (`LENET_VARIANT
 LeNet-300-100 the sparse-variational-dropout model with its dead units cut whose `.dsk` is
 111x smaller than fp32 (bench/vd_probe.py, kl_weight 1.0; read from bench/artifacts/lenet-300-100-vd-kl1.dsk,
 so the runtime file holds the same weights) — in fp32 and int8, as `.pte` and
-`.onnx`, exported with a static batch of 1 (the phone's case: one delegate call); for LeNet-300-100
+`.onnx`, exported with a static batch of 1 (the phone's case: one delegate call); for both, `.onnx` files that
+compute in fp32 from 8-bit (weight-only) and 4-bit (after 2 epochs of weight QAT, `LOWBIT_QAT`) weights, which the file
+stores as codes (sparse where that is smaller) and ONNX Runtime decodes when it loads it (`deploy.onnx_storage`); for LeNet-300-100
 also with 4- and 8-bit weights the `.pte` stores and runs (`Int8DynamicLowBit`; the 4-bit per-channel file also
 after 2 epochs of 4-bit weight QAT, `LOWBIT_QAT`, whose trained grid the `.pte` keeps), for LeNet-5 with
 int8 only where each runtime (XNNPACK, ONNX Runtime) runs it faster (`deploy.objective`, the recipe's `objective: balanced`). Beside them, in
@@ -47,14 +49,14 @@ from deepshrink.deploy import export
 from deepshrink.deploy.objective import choose_by_latency
 from deepshrink.evaluation.compare import evaluate_many
 from deepshrink.models import load
-from deepshrink.quantization import Int8DynamicLowBit, Int8Static, WeightQAT, quantize
+from deepshrink.quantization import Int8DynamicLowBit, Int8Static, WeightOnly, WeightQAT, quantize
 from deepshrink.training import TrainConfig, accuracy, fit
 
 # LeNet-5: a milder cut than bench/structured.py's (there conv2 kept 16 and fine-tuned back to 0.84 % from
 # the seeded baseline, over the 0.80 % bound), distilled from the dense model: the variant of
 # bench/lenet5_probe.py with the lowest validation error (bench/results/lenet5_probe.md), its model cached there
 LENET_VARIANT = "r60-e40-s1"
-# LeNet-300-100: 4-bit per-channel weight QAT (LSQ steps) of the VD model, distilled from it, before the 4-bit .pte
+# both nets: 4-bit per-channel weight QAT (LSQ steps) of the small model, distilled from it (LeNet-300-100: before its 4-bit .pte)
 LOWBIT_QAT = WeightQAT(bits=4, granularity="per_channel", method="lsq",
                        train=TrainConfig(epochs=2, lr=1e-4, batch_size=128, distill=DISTILL, seed=0))
 THREADS = 1
@@ -102,6 +104,15 @@ def build(name: str, data) -> tuple[dict, dict]:
             path = WORK / f"{name}-small-{precision}{suffix}"
             export(model, path, example_input=x1, target=target, static_batch=True, parity_samples=calib)
             candidates[f"{what} {precision} {suffix}, static batch 1"] = path
+    # weight QAT at 4 bits per channel (LSQ steps), distilled from the small model: its float weights on the grid
+    trained4 = quantize(copy.deepcopy(small), LOWBIT_QAT, data=data, train_fn=fit, accuracy_fn=accuracy)
+    # fp32 compute from low-bit weights: the .onnx stores the codes (deploy.onnx_storage) and ONNX Runtime decodes
+    # them when it loads the file, so it runs the fp32 kernels at the low-bit file's size
+    for label, model in (("8-bit per channel weights (weight-only)", quantize(copy.deepcopy(small), WeightOnly(bits=8), data=None)),
+                         ("4-bit per channel weights after 4-bit weight QAT", trained4)):
+        path = WORK / f"{name}-small-weights-{label.split()[0]}.onnx"
+        export(model, path, example_input=x1, target="onnxruntime", static_batch=True, parity_samples=calib)
+        candidates[f"{what} {label}, fp32 compute .onnx, static batch 1"] = path
     if name == "lenet-300-100":   # weights the .pte stores and runs at 4 / 8 bits (XNNPACK qb4w / qc8w, int8 activations)
         for label, config in (("4-bit groupwise (32)", Int8DynamicLowBit(bits=4, group_size=32)),
                               ("4-bit per channel", Int8DynamicLowBit(bits=4, group_size=None)),
@@ -110,7 +121,6 @@ def build(name: str, data) -> tuple[dict, dict]:
             export(quantize(copy.deepcopy(small), config, data=None), path, example_input=x1, static_batch=True, parity_samples=calib)
             candidates[f"{what} {label} weights, int8 dynamic activations .pte, static batch 1"] = path
         # the same 4-bit per-channel file after weight QAT: the runtime keeps the trained grid (lowbit.runtime)
-        trained4 = quantize(copy.deepcopy(small), LOWBIT_QAT, data=data, train_fn=fit, accuracy_fn=accuracy)
         path = WORK / f"{name}-small-4-bit-qat.pte"
         export(quantize(trained4, Int8DynamicLowBit(bits=4, group_size=None), data=None), path, example_input=x1,
                static_batch=True, parity_samples=calib)
@@ -224,7 +234,9 @@ def sparse_lines(name: str) -> list[str]:
                         f" -> {'sparse' if r['runs_sparse'] else 'dense'}" for r in rows if r["dense_us"] == r["dense_us"])
     return [f"Sparse compute: the `.pte` and `.onnx` files above run dense kernels — ExecuTorch's XNNPACK delegate "
             f"does not set XNNPACK's sparse-inference flag, and ONNX Runtime's CPU provider has no sparse kernel for "
-            f"weights — so no runtime file claims sparse speed. `{dsk}` (eager) times each pruned Linear dense against "
+            f"weights — so no runtime file claims sparse speed. Sparse storage is another matter: the `.onnx` files store "
+            f"pruned and low-bit weights as their nonzero codes (`deploy.onnx_storage`; each file's sidecar lists them under "
+            f"`stored_weights`), and ONNX Runtime rebuilds the dense weights when it loads the file. `{dsk}` (eager) times each pruned Linear dense against "
             f"torch CSR at batch 1 when it is written and keeps CSR only where it measured faster: "
             f"{decided or 'no layer sparse enough to try'}."]
 

@@ -87,8 +87,8 @@ def export(
         traced = scan_recurrent(model) if path.suffix == ".pte" else model   # ONNX has an LSTM op; ExecuTorch has not
         program = capture(traced, example_input, max_batch=profile.max_batch, dynamic=dynamic, static_batch=static_batch)
         lowered = FORMATS[path.suffix](program, path)
-        if lowered:
-            extra["delegation"] = lowered
+        if lowered:   # .pte: what XNNPACK runs; .onnx: the weights stored as codes (deploy.onnx_storage)
+            extra["delegation" if path.suffix == ".pte" else "stored_weights"] = lowered
     if static_batch:   # the file takes one sample per call
         batches = list(S.batches(parity_samples or S.unstack(example_input), 1))
     else:

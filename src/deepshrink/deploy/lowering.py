@@ -14,6 +14,7 @@ from deepshrink.core.io import atomic_path
 from deepshrink.core.log import scoped_levels
 from deepshrink.deploy.onnx_layout import unsigned_activations
 from deepshrink.deploy.onnx_lowbit import matmul_nbits
+from deepshrink.deploy.onnx_storage import compact_initializers
 from deepshrink.deploy.recurrent import foldable_recurrent_weights
 from deepshrink.deploy.scan_lowering import constants_into_bodies, drop_unused_constants, has_scan, program_constants, scan_partitioner
 from deepshrink.deploy.xnnpack_fixes import prelu_to_4d, quantized_embeddings
@@ -76,8 +77,9 @@ def delegation(graph_module: torch.fx.GraphModule) -> dict:
     return {"delegate_calls": calls, "outside_delegate": outside}
 
 
-def to_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
-    """ONNX graph via the dynamo exporter; a PT2E-quantized program becomes a QDQ graph."""
+def to_onnx(program: torch.export.ExportedProgram, path: Path) -> list[dict]:
+    """ONNX graph via the dynamo exporter; a PT2E-quantized program becomes a QDQ graph. Returns
+    the weights stored as their codes (``deploy.onnx_storage``), one record each."""
     import warnings
 
     require("onnx", "onnxscript")
@@ -94,12 +96,13 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
         raise ExportError(f"ONNX export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     with atomic_path(path) as tmp:
         strip_debug_metadata(onnx_program.model)
-        int4_lookup_tables(onnx_program.model)
         foldable_recurrent_weights(onnx_program.model)   # int8 LSTM/GRU weights ORT folds at load (deploy.recurrent)
         unsigned_activations(onnx_program.model)   # s8 activation Q/DQ as u8: exact, ORT's fast x86 kernels
         matmul_nbits(onnx_program.model, program)   # Int8DynamicLowBit layers: ORT's MatMulNBits
+        stored = compact_initializers(onnx_program.model)   # grid/codebook/sparse weights as codes, decoded at load
         compact_names(onnx_program.model)
         onnx_program.save(str(tmp))
+    return stored
 
 
 def strip_debug_metadata(model) -> None:
@@ -152,55 +155,3 @@ def _short_name(n: int) -> str:
         n, r = divmod(n, 36)
         digits = (string.digits + string.ascii_lowercase)[r] + digits
     return name + digits
-
-
-def int4_lookup_tables(model) -> int:
-    """Store two codes a byte every int8 initializer whose codes all fit in ``[-8, 7]`` (a table
-    quantized with ``embeddings: 4``) and that only a ``DequantizeLinear`` feeding ``Gather``
-    reads, with zero points all 0. The table becomes a uint8 ``[rows, cols / 2]`` initializer
-    (code + 8; the even column in the high nibble, as ExecuTorch's ``embedding_4bit``) unpacked by
-    constant nodes (``BitShift``/``BitwiseAnd``, then zero point 8), which ONNX Runtime folds when
-    it loads the model: the same int8 codes, half the bytes on disk. (Opset 21's int4
-    ``DequantizeLinear`` would need no unpacking, but ONNX Runtime 1.31's QDQ rewrites then emit
-    invalid ``QuantizeLinear`` nodes.) Returns how many tables were packed."""
-    import numpy as np
-    import onnx_ir as ir
-
-    packed = 0
-    for node in list(model.graph):
-        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
-            continue
-        table, _, zero = node.inputs[:3]
-        if table is None or not table.is_initializer() or table.const_value is None or table.const_value.dtype != ir.DataType.INT8:
-            continue
-        if len(table.uses()) != 1 or not all(use[0].op_type == "Gather" for use in node.outputs[0].uses()):
-            continue
-        codes = table.const_value.numpy()
-        if codes.ndim != 2 or codes.shape[1] % 2 or codes.min() < -8 or codes.max() > 7:
-            continue
-        if zero is None or zero.const_value is None or np.any(zero.const_value.numpy()) or zero.shape != ir.Shape([codes.shape[0]]):
-            continue
-        biased = (codes.astype(np.int16) + 8).astype(np.uint8)
-        nibbles = ir.Value(name=f"{table.name}_nibbles", const_value=ir.tensor((biased[:, 0::2] << 4) | biased[:, 1::2]))
-
-        def const(name, value):
-            v = ir.Value(name=f"{table.name}_{name}", const_value=ir.tensor(value))
-            model.graph.register_initializer(v)
-            return v
-
-        model.graph.register_initializer(nibbles)
-        high = ir.node("BitShift", [nibbles, const("four", np.array(4, np.uint8))], attributes={"direction": "RIGHT"})
-        low = ir.node("BitwiseAnd", [nibbles, const("fifteen", np.array(15, np.uint8))])
-        last = const("last_axis", np.array([-1], np.int64))
-        pairs = [ir.node("Unsqueeze", [high.outputs[0], last]), ir.node("Unsqueeze", [low.outputs[0], last])]
-        joined = ir.node("Concat", [pairs[0].outputs[0], pairs[1].outputs[0]], attributes={"axis": -1})
-        unpacked = ir.node("Reshape", [joined.outputs[0], const("shape", np.array(codes.shape, np.int64))])
-        eights = ir.node("Expand", [const("eight", np.array(8, np.uint8)), const("rows", np.array(codes.shape[:1], np.int64))])
-        model.graph.insert_before(node, [high, low, *pairs, joined, unpacked, eights])
-        node.replace_input_with(0, unpacked.outputs[0])
-        node.replace_input_with(2, eights.outputs[0])
-        for old in (table, zero):
-            if not old.uses() and old.is_initializer():
-                model.graph.initializers.pop(old.name)
-        packed += 1
-    return packed

@@ -217,8 +217,8 @@ def annotate_embeddings(gm: torch.fx.GraphModule, filter_fn=None, *, bits: int =
     """Mark every ``aten.embedding`` table for weight-only quantization, one symmetric scale per
     row (axis 0): ``bits=8`` range ±127, the lookup then reads int8 rows (ONNX: ``DequantizeLinear``
     → ``Gather``; ExecuTorch: ``embedding_byte``); ``bits=4`` range ±7, still held in an int8 tensor
-    here and packed two codes a byte at export (ONNX: a uint8 initializer unpacked by constant
-    nodes; ExecuTorch: ``embedding_4bit``). The table is any constant, whatever indexes it: token ids from an input,
+    here and packed two codes a byte at export (ONNX: ``deploy.onnx_storage``'s uint8 codes unpacked
+    by constant nodes; ExecuTorch: ``embedding_4bit``). The table is any constant, whatever indexes it: token ids from an input,
     or a buffer such as BERT's ``position_ids``. XNNPACK's quantizer leaves embeddings alone.
     Returns how many tables were marked."""
     from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
