@@ -18,7 +18,8 @@ after 2 epochs of 4-bit weight QAT, `LOWBIT_QAT`, whose trained grid the `.pte` 
 int8 only where each runtime (XNNPACK, ONNX Runtime) runs it faster (`deploy.objective`, the recipe's `objective: balanced`). Beside them, in
 the same interleaved run: the dense model in eager PyTorch (the reference of every ratio), its
 plain fp32 exports, ONNX Runtime's own `quantize_static` (QDQ, per channel) of the dense model,
-our structured `.pte` of bench/structured.py, the `.dsk` files of the Deep Compression table, and
+our structured `.pte` of bench/structured.py, the `.dsk` files of the Deep Compression table and the `.onnx`
+of each `.dsk`'s weights (the runtime file built from the same weights), and
 a minimal program in each runtime (one fp32 Linear 784 -> 10): the order of any call's fixed cost
 there (not a strict floor: its flatten and layout handling are not free). Error: the full 10,000-image test set through each file in its
 own runtime. Latency: batch 1, one thread, each runtime's own call on bound inputs
@@ -146,6 +147,10 @@ def build(name: str, data) -> tuple[dict, dict]:
         references["structured fp32 .pte of bench/structured.py (dynamic batch)"] = ARTIFACTS / "lenet-5-structured.pte"
     dsk = SMALL_DSK.get(name, f"{name}.dsk")
     references[f"`{dsk}` (eager; {'the same weights' if name in SMALL_DSK else 'Deep Compression, Han et al.'})"] = ARTIFACTS / dsk
+    # the runtime file of the .dsk's own weights: its codebook indices and sparse positions stored in the .onnx
+    path = WORK / f"{name}-dsk-weights.onnx"
+    export(load(ARTIFACTS / dsk).eval(), path, example_input=x1, target="onnxruntime", static_batch=True, parity_samples=calib)
+    references[f"`{dsk}`'s weights as .onnx (stored as codebook indices, fp32 compute), static batch 1"] = path
     torch.manual_seed(0)
     floor = Floor().eval()
     for suffix in (".pte", ".onnx"):
