@@ -160,11 +160,17 @@ def build(name: str, data) -> tuple[dict, dict]:
     return candidates, references
 
 
+def error_pct(m) -> float:
+    """Test error in %, rounded to the test set's resolution (0.01 % of 10,000 images): 80 errors are 0.80 %,
+    not 0.8000000000000007, which a bound of 0.80 would reject."""
+    return round(100 * (1 - m.accuracy), 6)
+
+
 def choose(name: str, measured: dict, candidates: dict) -> str:
-    fine = [k for k in candidates if 100 * (1 - measured[k].accuracy) <= BOUNDS[name]]
+    fine = [k for k in candidates if error_pct(measured[k]) <= BOUNDS[name]]
     if not fine:   # none within the bound: the best error is shipped, and the verdict says the bound was missed
-        best = min(100 * (1 - measured[k].accuracy) for k in candidates)
-        fine = [k for k in candidates if 100 * (1 - measured[k].accuracy) <= best + 0.02]
+        best = min(error_pct(measured[k]) for k in candidates)
+        fine = [k for k in candidates if error_pct(measured[k]) <= best + 0.02]
     fastest = min(measured[k].latency_ms_median for k in fine)
     tied = [k for k in fine if measured[k].latency_ms_median <= NOISE * fastest]
     return min(tied, key=lambda k: measured[k].file_bytes)
@@ -191,7 +197,7 @@ def table(measured: dict, reference, cold: dict) -> list[str]:
             "| cold median µs | cold × eager |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, m in measured.items():
-        error = "—" if label.startswith("minimal") else f"{100 * (1 - m.accuracy):.2f}"
+        error = "—" if label.startswith("minimal") else f"{error_pct(m):.2f}"
         size = lambda v: "—" if v is None else f"{v:,}"  # noqa: E731
         rows.append(f"| {label} | {m.runtime} | {error} | {size(m.file_bytes)} | {size(m.zstd_bytes)} | {size(m.gzip_bytes)} | "
                     f"{m.latency_ms_median * 1e3:.1f} | {m.latency_ms_p90 * 1e3:.1f} | "
@@ -202,11 +208,11 @@ def table(measured: dict, reference, cold: dict) -> list[str]:
 
 def verdicts(name: str, shipped: str, measured: dict, candidates: dict, cold: dict) -> list[str]:
     m, eager = measured[shipped], measured["dense fp32 eager (the reference)"]
-    ratio, err = m.latency_ms_median / eager.latency_ms_median, 100 * (1 - m.accuracy)
+    ratio, err = m.latency_ms_median / eager.latency_ms_median, error_pct(m)
     cold_ratio = cold[shipped] / cold["dense fp32 eager (the reference)"]
     runtime_files = {k: v for k, v in measured.items()   # what a runtime loads: .pte and .onnx (a .dsk runs only in our loader)
                      if v.runtime in ("executorch", "onnxruntime") and not k.startswith("minimal")
-                     and 100 * (1 - v.accuracy) <= max(BOUNDS[name], err)}   # as accurate as needed, or as the shipped file
+                     and error_pct(v) <= max(BOUNDS[name], err)}   # as accurate as needed, or as the shipped file
     smallest = min(runtime_files, key=lambda k: runtime_files[k].file_bytes)
     floor = measured[f"minimal program: one fp32 Linear 784->10 .{'pte' if m.runtime == 'executorch' else 'onnx'}"]
     lines = [
