@@ -33,12 +33,14 @@ class Mixed(nn.Module):
 
 
 def saturating(seed: int = 0) -> tuple[nn.Module, object]:
-    """Equal positive weights and inputs near the top of their range: every u8 x s8 pair is
-    255 * 127 * 2 = 64,770 in a full-range layout, whatever the kernel's pairing order."""
+    """Near-equal positive weights and inputs near the top of their range: every u8 x s8 pair is
+    about 255 * 127 * 2 = 64,770 in a full-range layout, whatever the kernel's pairing order. The
+    weights are off any coarse grid (equal weights would be one code, which the int8 observer
+    keeps: ``quantization.observers``)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
     with torch.no_grad():
-        model[0].weight.fill_(0.05)
+        model[0].weight.copy_(0.05 - torch.rand(8, 4, 3, 3) * 5e-4)   # codes 126..127
         model[0].bias.zero_()
         model[3].weight.copy_(torch.rand(10, 288) * 0.01 + 0.02)   # equal sign, near-equal size
     x = torch.rand(96, 4, 8, 8) * 0.1 + 0.9

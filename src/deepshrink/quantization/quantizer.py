@@ -42,9 +42,12 @@ def quantization_config(*, per_channel: bool, dynamic: bool = False, qat: bool =
     require("executorch")  # the XNNPACK quantizer ships with ExecuTorch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
-    from deepshrink.quantization.observers import CalibrationObserver
+    from deepshrink.quantization.observers import CalibrationObserver, GridPreservingWeightObserver
 
     config = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic, is_qat=qat)
+    if per_channel and not qat:   # a weight already on a grid (weight QAT, weight-only) keeps it (observers module doc)
+        config = dataclasses.replace(config, weight=dataclasses.replace(
+            config.weight, observer_or_fake_quant_ctr=GridPreservingWeightObserver.with_args(eps=2**-12)))
     if dynamic:
         # activations are quantized at run time by the graph itself (int8); only the weight range applies
         return _with_layout(config, int8_layout, activations=False)
