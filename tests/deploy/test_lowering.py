@@ -18,6 +18,7 @@ def test_onnx_files_carry_no_exporter_debug_records(tmp_path):
     proto = onnx.load(tmp_path / "m.onnx")
     assert proto.graph.node
     assert all(not n.metadata_props and not n.doc_string for n in proto.graph.node)
+    assert not [p.key for p in proto.graph.metadata_props if p.key.startswith("pkg.torch.")]   # no program signature copy
     assert __file__ not in (tmp_path / "m.onnx").read_bytes().decode("latin-1")   # no source paths of this machine
 
 

@@ -106,8 +106,12 @@ def to_onnx(program: torch.export.ExportedProgram, path: Path) -> list[dict]:
 
 
 def strip_debug_metadata(model) -> None:
-    """Drop the exporter's per-node debug records (Python stack traces, module paths, FX names):
-    half of a small model's bytes, and they carry the paths of the machine that exported it."""
+    """Drop the exporter's debug records: per node (Python stack traces, module paths, FX names:
+    half of a small model's bytes, and they carry the paths of the machine that exported it) and
+    the graph's copy of the torch program's signature and shape constraints (``pkg.torch.export.*``:
+    5,552 B of the tiny BERT example's file; nothing reads them back)."""
+    for key in [k for k in model.graph.metadata_props if k.startswith("pkg.torch.")]:
+        del model.graph.metadata_props[key]
     for graph in (model.graph, *model.graph.subgraphs()):
         for node in graph:
             node.metadata_props.clear()
