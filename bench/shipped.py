@@ -12,7 +12,8 @@ LeNet-300-100 the sparse-variational-dropout model with its dead units cut whose
 so the runtime file holds the same weights) — in fp32 and int8, as `.pte` and
 `.onnx`, exported with a static batch of 1 (the phone's case: one delegate call); for both, `.onnx` files that
 compute in fp32 from 8-bit (weight-only) and 4-bit (after 2 epochs of weight QAT, `LOWBIT_QAT`) weights, which the file
-stores as codes (sparse where that is smaller) and ONNX Runtime decodes when it loads it (`deploy.onnx_storage`); for LeNet-300-100
+stores as codes (sparse where that is smaller) and ONNX Runtime decodes when it loads it (`deploy.onnx_storage`), and
+an int8 `.onnx` of the 4-bit QAT weights (the int8 quantizer keeps their grid: `GridPreservingWeightObserver`); for LeNet-300-100
 also with 4- and 8-bit weights the `.pte` stores and runs (`Int8DynamicLowBit`; the 4-bit per-channel file also
 after 2 epochs of 4-bit weight QAT, `LOWBIT_QAT`, whose trained grid the `.pte` keeps), for LeNet-5 with
 int8 only where each runtime (XNNPACK, ONNX Runtime) runs it faster (`deploy.objective`, the recipe's `objective: balanced`). Beside them, in
@@ -114,6 +115,11 @@ def build(name: str, data) -> tuple[dict, dict]:
         path = WORK / f"{name}-small-weights-{label.split()[0]}.onnx"
         export(model, path, example_input=x1, target="onnxruntime", static_batch=True, parity_samples=calib)
         candidates[f"{what} {label}, fp32 compute .onnx, static batch 1"] = path
+    # int8 compute from the 4-bit QAT weights: the int8 quantizer keeps their grid (codes in [-7, 7]), stored at 4 bits
+    path = WORK / f"{name}-small-qat4-int8.onnx"
+    export(quantize(copy.deepcopy(trained4), Int8Static(), data=data, target="onnxruntime"), path, example_input=x1,
+           target="onnxruntime", static_batch=True, parity_samples=calib)
+    candidates[f"{what} 4-bit per channel weights after 4-bit weight QAT, int8 .onnx, static batch 1"] = path
     if name == "lenet-300-100":   # weights the .pte stores and runs at 4 / 8 bits (XNNPACK qb4w / qc8w, int8 activations)
         for label, config in (("4-bit groupwise (32)", Int8DynamicLowBit(bits=4, group_size=32)),
                               ("4-bit per channel", Int8DynamicLowBit(bits=4, group_size=None)),
