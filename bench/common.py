@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+OUTPUTS = ("bench/artifacts/", "bench/results/")
 sys.path.insert(0, str(REPO / "src"))
 
 
@@ -18,7 +19,9 @@ def provenance(command: str, threads: int | None = None) -> str:
     from deepshrink.pipeline.metrics_doc import versions
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
+    # what the benchmarks write (their tables and artifacts) is output, not the code that ran
+    dirty = [line for line in status.splitlines() if not line[3:].startswith(OUTPUTS)]
     pkgs = ", ".join(f"{k} {v}" for k, v in versions().items() if k != "deepshrink")
     lines = [
         f"- command: `{command}`",

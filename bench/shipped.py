@@ -265,6 +265,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     WORK.mkdir(parents=True, exist_ok=True)
     data = mnist()
+    header = provenance("python bench/shipped.py", THREADS)   # before the artifacts below are replaced: the commit as run
     started = time.perf_counter()
     sections = []
     for name in args.nets:
@@ -282,7 +283,7 @@ def main() -> None:
         sections.append((name, shipped, target, measured, candidates, cold))
     total = time.perf_counter() - started
     out = ["# The shipped file: the whole chain in one runtime file, measured beside the peers", "",
-           provenance("python bench/shipped.py", THREADS),
+           header,
            f"- total wall time {total / 60:.1f} min; one run, seed 0 everywhere; no spread measured beyond p90",
            "- latency: batch 1, each runtime's own call on inputs and outputs bound once (`Runner.call_for`: ExecuTorch "
            "`Method.execute`, ONNX Runtime `run_with_iobinding`, eager under `inference_mode`), "
